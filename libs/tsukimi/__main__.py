@@ -1,0 +1,5 @@
+import sys
+
+from tsukimi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""The `tsukimi` command: one subcommand per service, plus `up` (the whole system) and `version`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+SERVICES = ("gateway", "conductor", "prefill", "decode", "cachestore")
+
+
+def _run_service(name: str) -> int:
+    from pydantic import ValidationError
+
+    from tsukimi.common.logs import setup_logging
+    from tsukimi.common.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"tsukimi {name}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    setup_logging(name, settings.log_level)
+    module = importlib.import_module(f"tsukimi.{name}.service")
+    module.main(settings)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tsukimi", description="KVCache-centric disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SERVICES:
+        sub.add_parser(name, help=f"run one {name} instance (configured by TSUKIMI_* env vars)")
+    from tsukimi.launcher import add_up_arguments
+
+    add_up_arguments(sub.add_parser("up", help="start the whole system: NATS, every service, the API"))
+    args = parser.parse_args(argv)
+    if args.command in SERVICES:
+        return _run_service(args.command)
+    from tsukimi.launcher import up
+
+    return up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Connecting to NATS (used only by each service's `service.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, timeout_s: float = 30.0) -> Client:
+    """A NATS connection that reconnects forever once established; retries the first connect for `timeout_s`."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await nats.connect(
+                url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2
+            )
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(f"cannot reach NATS at {url}: {exc}") from exc
+            log.info("waiting for NATS at %s", url)
+            await asyncio.sleep(0.5)

@@ -1,0 +1,179 @@
+"""Typed messages on the bus (msgpack-encoded msgspec structs). Subjects are listed in `subjects.py`."""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length"]
+InstanceKind = Literal["prefill", "decode", "cachestore", "conductor"]
+
+
+class Message(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base of every bus message."""
+
+    # Schema version of the sender; a receiver refuses a newer major version it cannot read.
+    schema_version: int = SCHEMA_VERSION
+
+
+class SamplingParams(msgspec.Struct, kw_only=True):
+    """How one request picks its tokens; workers apply it per request inside a shared batch."""
+
+    # 0 means greedy (argmax).
+    temperature: float = 1.0
+    # Nucleus sampling mass, in (0, 1].
+    top_p: float = 1.0
+    # Seed of the per-token random stream; the gateway always sets one, so a request is reproducible.
+    seed: int = 0
+    # Most tokens to generate, the first one (from prefill) included.
+    max_tokens: int = 16
+    # Token ids that end the request with finish_reason "stop" (the model's EOS ids).
+    stop_token_ids: list[int] = []
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    """An error to show the client in the OpenAI error envelope."""
+
+    # Human-readable explanation.
+    message: str
+    # OpenAI error type, e.g. "invalid_request_error", "server_error", "service_unavailable".
+    type: str = "server_error"
+    # Machine-readable code, e.g. "no_capacity".
+    code: str | None = None
+    # HTTP status the gateway answers with.
+    http_status: int = 500
+
+
+class GenerateRequest(Message):
+    """Gateway -> conductor: one tokenized request to place."""
+
+    # Gateway-assigned id, also the `X-Request-Id` and the key of its stream subject.
+    request_id: str
+    # Served model name the client asked for.
+    model: str
+    # Prompt after the chat template and tokenization.
+    prompt_token_ids: list[int]
+    # Sampling settings of this request.
+    sampling: SamplingParams
+    # Wall-clock time (unix seconds) the gateway received it.
+    arrival_time: float
+
+
+class SubmitReply(Message):
+    """Conductor -> gateway: where the request runs, or why it does not."""
+
+    # True when a prefill and a decode worker accepted it.
+    is_accepted: bool
+    # Chosen prefill instance.
+    prefill_id: str | None = None
+    # Chosen decode instance.
+    decode_id: str | None = None
+    # Why it was refused, when it was.
+    error: ErrorInfo | None = None
+
+
+class PrefillTask(Message):
+    """Conductor -> prefill worker: compute a prompt's KV cache and first token, hand it to a decode worker."""
+
+    # The request.
+    request: GenerateRequest
+    # Decode instance that continues it.
+    decode_id: str
+    # "host:port" of that decode instance's KV receiver.
+    decode_kv_address: str
+
+
+class DecodeTask(Message):
+    """Prefill -> decode worker: continue a request whose KV cache has already been delivered."""
+
+    # The request.
+    request: GenerateRequest
+    # Token sampled by prefill (index 0 of the output).
+    first_token_id: int
+    # Tokens whose KV was delivered (the prompt).
+    num_kv_tokens: int
+    # Prompt tokens whose KV prefill reused instead of computing.
+    num_cached_tokens: int = 0
+
+
+class TaskAck(Message):
+    """Worker -> sender of a task: taken or refused."""
+
+    # True when the worker queued the task.
+    is_accepted: bool
+    # Why it refused.
+    error: ErrorInfo | None = None
+
+
+class TokenEvent(Message):
+    """Worker -> gateway: the next output token of a request, or its end."""
+
+    # The request.
+    request_id: str
+    # Position in the output (0 = first generated token); lets the gateway order events of two senders.
+    index: int
+    # The token, absent on an error event.
+    token_id: int | None = None
+    # Set on the last event of the request.
+    finish_reason: FinishReason | None = None
+    # Prompt tokens served from cache (reported on index 0).
+    num_cached_tokens: int = 0
+    # Set when the request failed; it is the last event.
+    error: ErrorInfo | None = None
+
+
+class CancelRequest(Message):
+    """Gateway -> everyone: stop working on a request and free what it holds."""
+
+    # The request.
+    request_id: str
+    # Why: "client_disconnected", "stop_string", "timeout", ...
+    reason: str
+
+
+class Heartbeat(Message):
+    """Instance -> everyone, every `heartbeat_interval_s`: it is alive, where it listens, how loaded it is."""
+
+    # Unique instance name.
+    instance_id: str
+    # Which pool it belongs to.
+    kind: InstanceKind
+    # Served model name ("" for services without a model).
+    model: str = ""
+    # "host:port" of its KV receiver (decode) or data endpoint; "" when it has none.
+    kv_address: str = ""
+    # Requests queued, not yet running.
+    num_waiting: int = 0
+    # Requests running (in the prefill forward or the decode batch).
+    num_running: int = 0
+    # Most requests it runs at once.
+    max_running: int = 1
+    # KV bytes free for new requests (decode).
+    num_free_kv_bytes: int = 0
+    # Longest prompt + output the model takes.
+    max_model_len: int = 0
+    # Wall-clock time of sending.
+    sent_at: float = 0.0
+    # True on the last heartbeat of an instance shutting down: drop it now.
+    is_leaving: bool = False
+
+
+_encoder = msgspec.msgpack.Encoder()
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Serialize a message for the bus."""
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Parse a bus message; raises `msgspec.ValidationError` on a malformed or foreign payload."""
+    message = msgspec.msgpack.decode(data, type=kind)
+    version = getattr(message, "schema_version", SCHEMA_VERSION)
+    if version > SCHEMA_VERSION:
+        raise msgspec.ValidationError(f"schema version {version} is newer than {SCHEMA_VERSION}")
+    return message

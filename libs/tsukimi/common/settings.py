@@ -1,0 +1,93 @@
+"""Process configuration: read from `TSUKIMI_*` environment variables once at start, validated, passed down."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "TSUKIMI_"
+
+
+class Settings(BaseSettings):
+    """Every knob of every service. Each field maps to the env var `TSUKIMI_<FIELD NAME IN CAPITALS>`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    # NATS server every service connects to.
+    nats_url: str = "nats://127.0.0.1:4222"
+    # "demo" (the built-in seeded model) or a local Hugging Face checkpoint directory.
+    model: str = "demo"
+    # Name clients pass as `model`; defaults to "demo" or the checkpoint directory's name.
+    served_model_name: str | None = None
+    # SQLAlchemy URL of the conductor's request journal.
+    database_url: str = "sqlite:///tsukimi.db"
+    # Unique name of this service instance; generated from host and pid when empty.
+    instance_id: str | None = None
+    # Address the HTTP servers (gateway API, probes) bind to.
+    host: str = "127.0.0.1"
+    # Port of the gateway's OpenAI-compatible API.
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    # Port of a non-gateway service's probe server (/metrics, /health); 0 picks a free port.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    # Address the decode worker's KV receiver binds to and advertises to prefill workers.
+    kv_host: str = "127.0.0.1"
+    # Port of the decode worker's KV receiver; 0 picks a free port.
+    kv_port: int = Field(0, ge=0, le=65535)
+    # Port of the cachestore's gRPC API.
+    cachestore_grpc_port: int = Field(50051, ge=0, le=65535)
+    # Seconds between two heartbeats of an instance.
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    # Seconds without a heartbeat after which an instance is dropped from scheduling.
+    instance_ttl_s: float = Field(3.5, gt=0)
+    # Seconds the gateway waits for the conductor to place a request.
+    submit_timeout_s: float = Field(10.0, gt=0)
+    # Seconds the conductor waits for a worker to accept a task.
+    dispatch_timeout_s: float = Field(3.0, gt=0)
+    # Seconds of silence on a request's token stream after which the gateway fails it.
+    stream_timeout_s: float = Field(300.0, gt=0)
+    # `max_tokens` used when a chat request gives none (capped by the context left).
+    default_max_tokens: int = Field(512, ge=1)
+    # Most requests one decode worker runs in its continuous batch.
+    max_batch_size: int = Field(32, ge=1)
+    # Most prompts waiting in one prefill worker's queue before it refuses more.
+    max_prefill_queue: int = Field(256, ge=1)
+    # Most KV bytes a decode worker holds for requests (received and running).
+    max_kv_bytes: int = Field(4 << 30, ge=1 << 20)
+    # Seconds a received KV cache waits for its decode task before it is freed.
+    kv_orphan_ttl_s: float = Field(30.0, gt=0)
+    # Seconds a KV transfer may take before it fails.
+    kv_transfer_timeout_s: float = Field(30.0, gt=0)
+    # Torch intra-op threads per model worker process.
+    torch_threads: int = Field(1, ge=1)
+    # Most requests the gateway keeps in flight before answering 429.
+    max_inflight_requests: int = Field(1024, ge=1)
+    # Log level of every service.
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        if value != "demo" and not os.path.isdir(value):
+            raise ValueError(f"model must be 'demo' or an existing checkpoint directory, got {value!r}")
+        return value if value == "demo" else os.path.abspath(value)
+
+    def model_name(self) -> str:
+        """Name under which the model is served."""
+        if self.served_model_name:
+            return self.served_model_name
+        return "demo" if self.model == "demo" else os.path.basename(self.model.rstrip("/"))
+
+    def instance_name(self, service: str) -> str:
+        """This instance's id: the configured one or `<service>-<host>-<pid>`."""
+        return self.instance_id or f"{service}-{socket.gethostname()}-{os.getpid()}"

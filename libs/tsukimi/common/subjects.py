@@ -1,0 +1,32 @@
+"""Every NATS subject tsukimi uses. The version segment changes when a message schema changes incompatibly."""
+
+PREFIX = "tsukimi.v1"
+
+# Gateway -> conductor, request/reply (`GenerateRequest` -> `SubmitReply`); conductors share a queue group.
+SUBMIT = f"{PREFIX}.conductor.submit"
+CONDUCTOR_QUEUE = "conductor"
+# Instance -> everyone: `Heartbeat`, on `heartbeat.<kind>.<instance id>`.
+HEARTBEAT = f"{PREFIX}.heartbeat"
+HEARTBEAT_ALL = f"{HEARTBEAT}.>"
+# Gateway -> every worker and conductor: `CancelRequest` (client gone, stop string hit, timeout).
+CANCEL = f"{PREFIX}.cancel"
+
+
+def heartbeat(kind: str, instance_id: str) -> str:
+    """Subject an instance heartbeats on."""
+    return f"{HEARTBEAT}.{kind}.{instance_id}"
+
+
+def prefill_tasks(instance_id: str) -> str:
+    """Conductor -> one prefill worker, request/reply (`PrefillTask` -> `TaskAck`)."""
+    return f"{PREFIX}.prefill.{instance_id}.tasks"
+
+
+def decode_tasks(instance_id: str) -> str:
+    """Prefill -> one decode worker, request/reply (`DecodeTask` -> `TaskAck`), after the KV has arrived."""
+    return f"{PREFIX}.decode.{instance_id}.tasks"
+
+
+def stream(request_id: str) -> str:
+    """Workers -> the gateway holding the request: `TokenEvent`s of one request."""
+    return f"{PREFIX}.stream.{request_id}"

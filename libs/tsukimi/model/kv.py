@@ -1,0 +1,61 @@
+"""A request's KV cache as one flat byte buffer, the unit the data plane moves from prefill to decode.
+
+Layout: for each layer, K then V, each [num_kv_heads, seq_len, head_dim] contiguous in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KVLayout(msgspec.Struct, frozen=True):
+    """Shape of one request's KV buffer."""
+
+    # Decoder layers.
+    num_layers: int
+    # KV heads per layer.
+    num_kv_heads: int
+    # Tokens covered.
+    seq_len: int
+    # Size of one head.
+    head_dim: int
+    # Element type, a key of `_DTYPES`.
+    dtype: str
+
+    @property
+    def num_bytes(self) -> int:
+        """Size of the whole buffer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.seq_len * self.head_dim * self.element_size
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
+
+
+def layout_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVLayout:
+    """Layout of per-layer (K, V) tensors of shape [1, heads, seq, dim]."""
+    k = layers[0][0]
+    dtype = next(name for name, t in _DTYPES.items() if t == k.dtype)
+    return KVLayout(len(layers), k.shape[1], k.shape[2], k.shape[3], dtype)
+
+
+def pack(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[KVLayout, torch.Tensor]:
+    """One contiguous uint8 tensor holding every layer's K and V."""
+    layout = layout_of(layers)
+    flat = torch.cat([t[0].reshape(-1) for kv in layers for t in kv])
+    return layout, flat.view(torch.uint8)
+
+
+def unpack(layout: KVLayout, buffer: torch.Tensor | bytearray | memoryview) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (K, V) views of shape [1, heads, seq, dim] over `buffer` (no copy)."""
+    if not isinstance(buffer, torch.Tensor):
+        buffer = torch.frombuffer(buffer, dtype=torch.uint8)
+    if buffer.numel() != layout.num_bytes:
+        raise ValueError(f"KV buffer has {buffer.numel()} bytes, layout needs {layout.num_bytes}")
+    values = buffer.view(_DTYPES[layout.dtype]).view(
+        layout.num_layers, 2, 1, layout.num_kv_heads, layout.seq_len, layout.head_dim
+    )
+    return [(values[i, 0], values[i, 1]) for i in range(layout.num_layers)]
