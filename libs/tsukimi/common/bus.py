@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client
+
+from tsukimi.common.messages import Heartbeat, encode
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +27,21 @@ async def connect(url: str, name: str, timeout_s: float = 30.0) -> Client:
                 raise RuntimeError(f"cannot reach NATS at {url}: {exc}") from exc
             log.info("waiting for NATS at %s", url)
             await asyncio.sleep(0.5)
+
+
+async def heartbeat_forever(
+    nc: Client, subject: str, make_beat: Callable[[bool], Heartbeat], interval_s: float, stop: asyncio.Event
+) -> None:
+    """Publishes `make_beat(False)` every `interval_s` until `stop`, then a last `make_beat(True)` (leaving)."""
+    while not stop.is_set():
+        try:
+            await nc.publish(subject, encode(make_beat(False)))
+        except Exception as exc:  # NOTE: a heartbeat must never kill the service; the next one retries.
+            log.warning("heartbeat failed: %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), interval_s)
+        except asyncio.TimeoutError:
+            pass
+    if nc.is_connected:
+        await nc.publish(subject, encode(make_beat(True)))
+        await nc.flush(timeout=2)

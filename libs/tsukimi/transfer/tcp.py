@@ -67,9 +67,18 @@ async def _read_frame(reader: asyncio.StreamReader, kind: type):
 class TcpReceiver:
     """Accepts payloads from senders into buffers the application allocates."""
 
-    def __init__(self, allocate: Allocate, deliver: Deliver, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        allocate: Allocate,
+        deliver: Deliver,
+        abort: Callable[[str], None] = lambda key: None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         self._allocate = allocate
         self._deliver = deliver
+        # Called with the key of a payload that was allocated but did not fully arrive.
+        self._abort = abort
         self._host = host
         self._port = port
         self._server: asyncio.base_events.Server | None = None
@@ -87,6 +96,7 @@ class TcpReceiver:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pending_key = None
         try:
             while True:
                 try:
@@ -99,6 +109,7 @@ class TcpReceiver:
                     # NOTE: the payload is already on its way; closing the connection is cheaper than draining it.
                     await _write_frame(writer, TransferAck(ok=False, error=str(exc)))
                     return
+                pending_key = header.key
                 view = memoryview(buffer)
                 received = 0
                 while received < header.num_bytes:
@@ -111,10 +122,13 @@ class TcpReceiver:
                 result = self._deliver(header.key, header.meta, buffer)
                 if asyncio.iscoroutine(result):
                     await result
+                pending_key = None
                 await _write_frame(writer, TransferAck(ok=True))
         except (TransferError, ConnectionError, msgspec.DecodeError) as exc:
             log.warning("KV receive failed: %s", exc)
         finally:
+            if pending_key is not None:
+                self._abort(pending_key)
             writer.close()
 
 

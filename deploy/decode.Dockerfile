@@ -1,0 +1,21 @@
+# Decode worker: receives KV caches (port 7000) and runs the continuous decode batch. CPU torch.
+# Build from the repository root: docker build -f deploy/decode.Dockerfile -t tsukimi-decode .
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY libs ./libs
+COPY services ./services
+# Only this service's extra.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[worker]"
+
+RUN useradd --system --create-home tsukimi
+USER tsukimi
+WORKDIR /home/tsukimi
+
+# Defaults matching EXPOSE; docker-compose.yml sets the same values explicitly.
+ENV TSUKIMI_HOST=0.0.0.0 TSUKIMI_METRICS_PORT=9103 TSUKIMI_KV_PORT=7000
+EXPOSE 9103 7000
+CMD ["tsukimi", "decode"]

@@ -1,0 +1,171 @@
+"""`tsukimi up`: an embedded NATS server and one process per service instance, stopped together on a signal."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+_PR_SET_PDEATHSIG = 1
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="'demo' or a local Hugging Face checkpoint directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address the API binds to")
+    parser.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible API")
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill worker processes")
+    parser.add_argument("--decode", type=int, default=1, metavar="N", help="decode worker processes")
+    parser.add_argument("--nats-url", default=None, help="use this NATS server instead of an embedded one")
+    parser.add_argument("--database-url", default=None,
+                        help="SQLAlchemy URL of the conductor's journal (default: SQLite under ~/.cache/tsukimi)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the API to be ready")
+
+
+@dataclass
+class Child:
+    """A service process started by `up`."""
+
+    name: str
+    process: subprocess.Popen
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it if the launcher dies, so no orphan outlives `up`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _say(message: str) -> None:
+    print(f"tsukimi up: {message}", file=sys.stderr, flush=True)
+
+
+def _is_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class Launcher:
+    """Starts, watches and stops the processes of one local deployment."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.children: list[Child] = []
+        self.nats = None
+        self._stop_signal: int | None = None
+
+    def _env(self, nats_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "tsukimi")
+        os.makedirs(cache, exist_ok=True)
+        env.update({
+            "TSUKIMI_NATS_URL": nats_url,
+            "TSUKIMI_MODEL": self.args.model,
+            "TSUKIMI_HOST": self.args.host,
+            "TSUKIMI_GATEWAY_PORT": str(self.args.port),
+            "TSUKIMI_METRICS_PORT": "0",
+            "TSUKIMI_KV_PORT": "0",
+            "TSUKIMI_CACHESTORE_GRPC_PORT": "0",
+            "TSUKIMI_DATABASE_URL": self.args.database_url
+            or env.get("TSUKIMI_DATABASE_URL", f"sqlite:///{os.path.join(cache, 'tsukimi.db')}"),
+        })
+        if self.args.log_level:
+            env["TSUKIMI_LOG_LEVEL"] = self.args.log_level
+        return env
+
+    def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:
+        process = subprocess.Popen([sys.executable, "-m", "tsukimi", service], env=env, preexec_fn=_die_with_parent)
+        self.children.append(Child(name, process))
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> int:
+        args = self.args
+        if args.prefill < 1 or args.decode < 1:
+            _say("--prefill and --decode need at least 1")
+            return 2
+        if args.model != "demo" and not os.path.isdir(args.model):
+            _say(f"--model must be 'demo' or a checkpoint directory; {args.model!r} is neither")
+            return 2
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            self.stop()
+
+    def _run(self) -> int:
+        args = self.args
+        nats_url = args.nats_url
+        if nats_url is None:
+            from tsukimi.common.natsserver import NatsServer
+
+            self.nats = NatsServer().start(preexec_fn=_die_with_parent)
+            nats_url = self.nats.url
+            _say(f"embedded NATS (JetStream) at {nats_url}")
+        env = self._env(nats_url)
+        self._spawn("cachestore", "cachestore", env)
+        self._spawn("conductor", "conductor", env)
+        for i in range(args.prefill):
+            self._spawn(f"prefill-{i}", "prefill", env)
+        for i in range(args.decode):
+            self._spawn(f"decode-{i}", "decode", env)
+        self._spawn("gateway", "gateway", env)
+        api = f"http://{args.host}:{args.port}"
+        deadline = time.monotonic() + args.ready_timeout
+        while not _is_ready(f"{api}/health"):
+            if self._stop_signal is not None:
+                return 0
+            if (dead := self._dead_child()) is not None:
+                _say(f"{dead.name} exited with {dead.process.returncode} during start-up")
+                return 1
+            if time.monotonic() > deadline:
+                _say(f"API not ready within {args.ready_timeout:.0f}s")
+                return 1
+            time.sleep(0.2)
+        model = "demo (built-in seeded Llama)" if args.model == "demo" else args.model
+        _say(f"ready. API at {api}/v1 serving model {model} "
+             f"({args.prefill} prefill, {args.decode} decode). Ctrl-C stops everything.")
+        while self._stop_signal is None:
+            if (dead := self._dead_child()) is not None:
+                _say(f"{dead.name} exited with {dead.process.returncode}; stopping everything")
+                return 1
+            time.sleep(0.2)
+        _say(f"got {signal.Signals(self._stop_signal).name}; stopping")
+        return 0
+
+    def _dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child (gateway first), wait, SIGKILL what is left, then stop NATS."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in reversed(self.children):
+            try:
+                child.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _say(f"{child.name} did not stop in {timeout_s:.0f}s; killing it")
+                child.process.kill()
+                child.process.wait()
+        if self.nats is not None:
+            self.nats.stop()
+        self.children.clear()
+
+
+def up(args: argparse.Namespace) -> int:
+    """Entry point of `tsukimi up`."""
+    return Launcher(args).run()

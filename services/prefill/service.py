@@ -1,0 +1,221 @@
+"""Prefill worker process: computes prompts' KV and first tokens, hands each request to its decode worker.
+
+The loop reads as: take the next task, run it (in a thread), send the first token, transfer the KV, hand over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+from tsukimi.common import subjects
+from tsukimi.common.bus import connect, heartbeat_forever
+from tsukimi.common.logs import request_id_var
+from tsukimi.common.messages import (
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, PrefillTask, TaskAck, TokenEvent, decode, encode,
+)
+from tsukimi.common.probe import ProbeServer
+from tsukimi.common.runner import run_until_signal
+from tsukimi.common.settings import Settings
+from tsukimi.model.kv import pack
+from tsukimi.model.loader import load_model
+from tsukimi.model.sampler import sample
+from tsukimi.model.spec import max_model_len
+from tsukimi.prefill.engine import PrefillEngine
+from tsukimi.transfer.tcp import TcpSender, TransferError
+
+log = logging.getLogger("tsukimi.prefill")
+
+QUEUED = Gauge("tsukimi_prefill_waiting_requests", "Prefill tasks queued")
+RUNNING = Gauge("tsukimi_prefill_running_requests", "Prefill tasks computing")
+PREFILL_SECONDS = Histogram("tsukimi_prefill_seconds", "Forward time of one prompt",
+                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+TRANSFER_SECONDS = Histogram("tsukimi_prefill_kv_transfer_seconds", "Time to move one request's KV to decode",
+                             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+TRANSFER_BYTES = Counter("tsukimi_prefill_kv_transfer_bytes_total", "KV bytes sent to decode workers")
+PROMPT_TOKENS = Counter("tsukimi_prefill_prompt_tokens_total", "Prompt tokens computed")
+OUTCOMES = Counter("tsukimi_prefill_requests_total", "Prefill tasks by outcome", ["outcome"])
+
+
+class PrefillService:
+    """The bus- and socket-facing side of a prefill worker."""
+
+    def __init__(self, settings: Settings, engine: PrefillEngine, max_len: int):
+        self.settings = settings
+        self.engine = engine
+        self.max_model_len = max_len
+        self.instance_id = settings.instance_name("prefill")
+        self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
+        self.sender = TcpSender(settings.kv_transfer_timeout_s)
+        self.cancelled: dict[str, float] = {}
+        self.num_running = 0
+        self.nc = None
+
+    def heartbeat(self, is_leaving: bool) -> Heartbeat:
+        return Heartbeat(
+            instance_id=self.instance_id, kind="prefill", model=self.settings.model_name(),
+            num_waiting=self.queue.qsize(), num_running=self.num_running, max_running=1,
+            max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving,
+        )
+
+    async def _on_task(self, msg) -> None:
+        try:
+            task = decode(msg.data, PrefillTask)
+        except msgspec.ValidationError as exc:
+            await msg.respond(encode(TaskAck(is_accepted=False, error=ErrorInfo(message=f"bad task: {exc}"))))
+            return
+        if len(task.request.prompt_token_ids) >= self.max_model_len:
+            error = ErrorInfo(message="prompt longer than the model's context", type="invalid_request_error",
+                              code="context_length_exceeded", http_status=400)
+            await msg.respond(encode(TaskAck(is_accepted=False, error=error)))
+            return
+        try:
+            self.queue.put_nowait(task)
+        except asyncio.QueueFull:
+            error = ErrorInfo(message="prefill queue full", type="service_unavailable", code="busy", http_status=503)
+            await msg.respond(encode(TaskAck(is_accepted=False, error=error)))
+            return
+        QUEUED.set(self.queue.qsize())
+        await msg.respond(encode(TaskAck(is_accepted=True)))
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            cancel = decode(msg.data, CancelRequest)
+        except msgspec.ValidationError:
+            return
+        now = time.monotonic()
+        self.cancelled[cancel.request_id] = now
+        # NOTE: cancellations are broadcast; keep each only as long as a request could still be queued here.
+        self.cancelled = {k: t for k, t in self.cancelled.items() if now - t < 600}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.nc = await connect(self.settings.nats_url, self.instance_id)
+        await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)
+        await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
+        beats = asyncio.create_task(heartbeat_forever(
+            self.nc, subjects.heartbeat("prefill", self.instance_id), self.heartbeat,
+            self.settings.heartbeat_interval_s, stop,
+        ))
+        log.info("prefill %s ready", self.instance_id)
+        while not stop.is_set():
+            getter = asyncio.create_task(self.queue.get())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([getter, stopping], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not getter.done():
+                getter.cancel()
+                break
+            QUEUED.set(self.queue.qsize())
+            await self._process(getter.result())
+        await self._fail_queued("prefill worker shutting down")
+        await beats
+        await self.sender.close()
+        await self.nc.drain()
+
+    async def _process(self, task: PrefillTask) -> None:
+        request = task.request
+        rid = request.request_id
+        token = request_id_var.set(rid)
+        next_index = 0
+        try:
+            if rid in self.cancelled:
+                OUTCOMES.labels("cancelled").inc()
+                log.info("dropped before prefill: cancelled")
+                return
+            self.num_running = 1
+            RUNNING.set(1)
+            started = time.perf_counter()
+            try:
+                result = await asyncio.to_thread(self.engine.run, request.prompt_token_ids)
+            finally:
+                self.num_running = 0
+                RUNNING.set(0)
+            PREFILL_SECONDS.observe(time.perf_counter() - started)
+            PROMPT_TOKENS.inc(len(request.prompt_token_ids))
+            first = sample(result.logits, request.sampling, 0)
+            reason = None
+            if first in request.sampling.stop_token_ids:
+                reason = "stop"
+            elif request.sampling.max_tokens <= 1:
+                reason = "length"
+            await self._emit(TokenEvent(request_id=rid, index=0, token_id=first, finish_reason=reason))
+            next_index = 1
+            if reason is not None:
+                OUTCOMES.labels("finished").inc()
+                return
+            if rid in self.cancelled:
+                OUTCOMES.labels("cancelled").inc()
+                log.info("cancelled after prefill: KV not sent")
+                return
+            await self._hand_over(task, first, result.kv)
+        except Exception as exc:  # NOTE: one bad request must not stop the worker; the client gets the error.
+            log.exception("prefill failed")
+            OUTCOMES.labels("failed").inc()
+            await self._emit(TokenEvent(request_id=rid, index=next_index, error=ErrorInfo(
+                message=f"prefill failed: {exc}")))
+        finally:
+            request_id_var.reset(token)
+
+    async def _hand_over(self, task: PrefillTask, first: int, kv) -> None:
+        rid = task.request.request_id
+        layout, flat = pack(kv)
+        started = time.perf_counter()
+        try:
+            await self.sender.send(task.decode_kv_address, rid, msgspec.msgpack.encode(layout), flat.numpy())
+        except TransferError as exc:
+            log.warning("KV transfer to %s failed: %s", task.decode_id, exc)
+            OUTCOMES.labels("transfer_failed").inc()
+            await self._emit(TokenEvent(request_id=rid, index=1, error=ErrorInfo(
+                message=f"KV transfer to decode failed: {exc}", type="service_unavailable", code="kv_transfer_failed",
+                http_status=503)))
+            return
+        TRANSFER_SECONDS.observe(time.perf_counter() - started)
+        TRANSFER_BYTES.inc(layout.num_bytes)
+        handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=layout.seq_len)
+        try:
+            reply = await self.nc.request(subjects.decode_tasks(task.decode_id), encode(handoff),
+                                          timeout=self.settings.dispatch_timeout_s)
+            ack = decode(reply.data, TaskAck)
+        except Exception as exc:
+            ack = TaskAck(is_accepted=False, error=ErrorInfo(
+                message=f"decode worker {task.decode_id} did not answer: {exc!r}", type="service_unavailable",
+                code="decode_unavailable", http_status=503))
+        if not ack.is_accepted:
+            OUTCOMES.labels("handoff_failed").inc()
+            if rid not in self.cancelled:
+                await self._emit(TokenEvent(request_id=rid, index=1, error=ack.error))
+            return
+        OUTCOMES.labels("handed_over").inc()
+
+    async def _emit(self, event: TokenEvent) -> None:
+        await self.nc.publish(subjects.stream(event.request_id), encode(event))
+
+    async def _fail_queued(self, message: str) -> None:
+        while not self.queue.empty():
+            task = self.queue.get_nowait()
+            await self._emit(TokenEvent(request_id=task.request.request_id, index=0, error=ErrorInfo(
+                message=message, type="service_unavailable", code="worker_stopping", http_status=503)))
+
+
+def main(settings: Settings) -> None:
+    """Runs one prefill worker until SIGINT/SIGTERM."""
+    torch.set_num_threads(settings.torch_threads)
+    engine = PrefillEngine(load_model(settings.model))
+    service = PrefillService(settings, engine, max_model_len(settings.model))
+
+    async def _main(stop: asyncio.Event) -> None:
+        probe = ProbeServer("prefill", lambda: (service.nc is not None and service.nc.is_connected, {
+            "instance_id": service.instance_id, "waiting": service.queue.qsize()}), settings.host,
+            settings.metrics_port).start()
+        log.info("probe on http://%s:%d", settings.host, probe.port)
+        try:
+            await service.run(stop)
+        finally:
+            probe.stop()
+
+    run_until_signal(_main)

@@ -1,0 +1,109 @@
+"""The cachestore as a real process: heartbeats on NATS, gRPC health, probes, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import grpc
+import httpx
+import nats
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tsukimi.common import subjects
+from tsukimi.common.messages import Heartbeat, decode
+from tsukimi.common.natsserver import free_port
+
+STARTUP_TIMEOUT_S = 20.0
+EXIT_TIMEOUT_S = 5.0
+
+
+async def _wait_healthy(url: str, proc: subprocess.Popen) -> httpx.Response:
+    """Polls the probe's /health until it answers 200; fails early if the process dies."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"cachestore exited early with {proc.returncode}:\n{proc.stderr.read().decode()}")
+            try:
+                response = await client.get(url)
+                if response.status_code == 200:
+                    return response
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    pytest.fail(f"{url} not healthy within {STARTUP_TIMEOUT_S}s")
+
+
+async def _next_beat(queue: asyncio.Queue[Heartbeat], timeout_s: float, *, is_leaving: bool) -> Heartbeat:
+    """The next heartbeat whose `is_leaving` flag matches."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        beat = await asyncio.wait_for(queue.get(), timeout=max(0.01, deadline - time.monotonic()))
+        if beat.is_leaving == is_leaving:
+            return beat
+
+
+async def test_cachestore_lifecycle(nats_url: str) -> None:
+    instance_id = f"cachestore-test-{uuid.uuid4().hex[:8]}"
+    grpc_port, metrics_port = free_port(), free_port()
+    beats: asyncio.Queue[Heartbeat] = asyncio.Queue()
+
+    nc = await nats.connect(nats_url)
+
+    async def _on_beat(msg) -> None:
+        await beats.put(decode(msg.data, Heartbeat))
+
+    await nc.subscribe(subjects.heartbeat("cachestore", instance_id), cb=_on_beat)
+    await nc.flush()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TSUKIMI_")}
+    env.update(
+        TSUKIMI_NATS_URL=nats_url,
+        TSUKIMI_INSTANCE_ID=instance_id,
+        TSUKIMI_HOST="127.0.0.1",
+        TSUKIMI_CACHESTORE_GRPC_PORT=str(grpc_port),
+        TSUKIMI_METRICS_PORT=str(metrics_port),
+        TSUKIMI_HEARTBEAT_INTERVAL_S="0.2",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tsukimi", "cachestore"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        health = await _wait_healthy(f"http://127.0.0.1:{metrics_port}/health", proc)
+        assert health.json()["service"] == "cachestore"
+        assert health.json()["instance_id"] == instance_id
+
+        beat = await _next_beat(beats, 5.0, is_leaving=False)
+        assert beat.kind == "cachestore" and beat.instance_id == instance_id
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            metrics = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert metrics.status_code == 200
+        assert "tsukimi_cachestore_up 1.0" in metrics.text
+
+        proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(proc.wait, EXIT_TIMEOUT_S)
+        assert returncode == 0, proc.stderr.read().decode()
+        leaving = await _next_beat(beats, 2.0, is_leaving=True)
+        assert leaving.instance_id == instance_id
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await nc.close()
