@@ -1,0 +1,225 @@
+"""The whole system through `tsukimi up` and HTTP: real model, real processes, real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import nats
+import openai
+import pytest
+import torch
+
+from tsukimi.common import subjects
+from tsukimi.common.messages import Heartbeat, decode
+from tsukimi.model.loader import build_demo_model, load_model
+from tsukimi.text.tokenizer import TextTokenizer
+
+from .checkpoints import build_qwen2_checkpoint
+from .conftest import start_up, stop_up
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = [
+    "Hi",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived",
+    "def fibonacci(n):\n    ",
+    "Tsukimi is the Japanese festival of",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15,",
+    "A long prompt " * 30,
+    "Mooncake separates prefill from decode because",
+]
+
+
+def reference_ids(model, tokenizer: TextTokenizer, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """transformers' own greedy `generate`, stopping at EOS like the server."""
+    eos = tokenizer.eos_token_ids[0]
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos)
+    return out[0, len(prompt_ids):].tolist()
+
+
+async def complete(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, **extra) -> dict:
+    r = await client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                   "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def check_identical(body: dict, ref: list[int], tokenizer: TextTokenizer) -> None:
+    choice = body["choices"][0]
+    assert body["usage"]["completion_tokens"] == len(ref)
+    assert choice["text"] == tokenizer.decode(ref)
+    assert choice["finish_reason"] == ("stop" if ref[-1] in tokenizer.eos_token_ids else "length")
+
+
+@pytest.fixture(scope="module")
+def demo_reference():
+    return build_demo_model(), TextTokenizer.load("demo")
+
+
+async def test_single_and_concurrent_greedy_match_transformers(demo_up, demo_reference):
+    model, tokenizer = demo_reference
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
+        body = await complete(client, "demo", PROMPTS[1], 32)
+        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(PROMPTS[1]), 32), tokenizer)
+        lengths = [8 + 5 * i for i in range(len(PROMPTS))]
+        bodies = await asyncio.gather(*[complete(client, "demo", p, n) for p, n in zip(PROMPTS, lengths)])
+    for prompt, n, body in zip(PROMPTS, lengths, bodies):
+        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), n), tokenizer)
+
+
+async def test_chat_uses_the_plain_template(demo_up, demo_reference):
+    model, tokenizer = demo_reference
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Tsukimi?"}]
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
+        r = await client.post("/v1/chat/completions", json={"model": "demo", "messages": messages,
+                                                            "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = reference_ids(model, tokenizer, tokenizer.encode_chat(messages), 12)
+    assert body["choices"][0]["message"]["content"] == tokenizer.decode(ref)
+    assert body["usage"]["prompt_tokens"] == len(tokenizer.encode_chat(messages))
+
+
+async def test_seeded_sampling_reproducible_through_the_api(demo_up):
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
+        req = {"model": "demo", "prompt": "Roll the dice:", "max_tokens": 16, "temperature": 1.0, "top_p": 0.9}
+        a = (await client.post("/v1/completions", json={**req, "seed": 7})).json()
+        b = (await client.post("/v1/completions", json={**req, "seed": 7})).json()
+        c = (await client.post("/v1/completions", json={**req, "seed": 8})).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    assert a["choices"][0]["text"] != c["choices"][0]["text"]
+
+
+async def test_openai_client_streaming_and_not(demo_up, demo_reference):
+    model, tokenizer = demo_reference
+    client = openai.AsyncOpenAI(base_url=demo_up.base_url + "/v1", api_key="unused")
+    prompt = "Stream this:"
+    ref = tokenizer.decode(reference_ids(model, tokenizer, tokenizer.encode(prompt), 10))
+    full = await client.completions.create(model="demo", prompt=prompt, max_tokens=10, temperature=0)
+    assert full.choices[0].text == ref and full.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = [c async for c in await client.completions.create(
+        model="demo", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True})]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref
+    assert chunks[-1].usage.completion_tokens == 10
+    chat = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=6, temperature=0)
+    stream = await client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=6, temperature=0, stream=True)
+    streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert streamed == chat.choices[0].message.content
+    await client.close()
+
+
+async def test_bad_input_gets_4xx_envelopes(demo_up):
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=30) as client:
+        cases = [
+            (dict(content=b"{not json"), 400),
+            (dict(json={"model": "demo"}), 400),
+            (dict(json={"model": "demo", "prompt": "x", "max_tokens": -1}), 400),
+            (dict(json={"model": "demo", "prompt": "x", "max_tokens": 10**9}), 400),
+            (dict(json={"model": "demo", "prompt": "x", "n": 3}), 400),
+            (dict(json={"model": "demo", "prompt": 5}), 400),
+            (dict(json={"model": "nope", "prompt": "x"}), 404),
+            (dict(json={"model": "demo", "prompt": "x" * 5000, "max_tokens": 1}), 400),
+        ]
+        for kwargs, status in cases:
+            r = await client.post("/v1/completions", headers={"Content-Type": "application/json"}, **kwargs)
+            assert r.status_code == status, (kwargs, r.text)
+            error = r.json()["error"]
+            assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+            assert r.headers["X-Request-Id"]
+        # The services survived all of it.
+        assert (await client.get("/health")).status_code == 200
+        assert (await complete(client, "demo", "still alive?", 4))["usage"]["completion_tokens"] == 4
+
+
+async def test_client_disconnect_frees_decode(demo_up):
+    nc = await nats.connect(demo_up.nats_url)
+    beats: dict[str, Heartbeat] = {}
+
+    async def on_beat(msg):
+        beat = decode(msg.data, Heartbeat)
+        beats[beat.kind] = beat
+
+    await nc.subscribe(subjects.HEARTBEAT_ALL, cb=on_beat)
+    try:
+        async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json={
+                    "model": "demo", "prompt": "never ending", "max_tokens": 3000, "temperature": 0,
+                    "stream": True}) as r:
+                n = 0
+                async for line in r.aiter_lines():
+                    n += line.startswith("data: ")
+                    if n >= 5:
+                        break
+        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 10
+        while True:
+            d = beats.get("decode")
+            if d and d.num_running == 0 and d.num_waiting == 0:
+                break
+            assert time.monotonic() < deadline, f"decode still busy: {d}"
+            await asyncio.sleep(0.2)
+        freed = d.num_free_kv_bytes
+        await asyncio.sleep(0.8)
+        assert beats["decode"].num_free_kv_bytes == freed  # stable: nothing stranded
+    finally:
+        await nc.close()
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=30) as client:
+        metrics = (await client.get("/metrics")).text
+    assert "tsukimi_gateway" in metrics
+
+
+async def test_health_models_metrics(demo_up):
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=30) as client:
+        assert (await client.get("/health")).status_code == 200
+        models = (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["demo"]
+        r = await client.post("/v1/completions", json={"model": "demo", "prompt": "x", "max_tokens": 2},
+                              headers={"X-Request-Id": "my-trace-1"})
+        assert r.headers["X-Request-Id"] == "my-trace-1"
+        metrics = (await client.get("/metrics")).text
+    for name in ("tsukimi_gateway_requests_total", "tsukimi_gateway_time_to_first_token_seconds_bucket",
+                 "tsukimi_gateway_inter_token_latency_seconds_bucket", "tsukimi_gateway_requests_in_flight"):
+        assert name in metrics, name
+    assert "my-trace-1" in demo_up.log()
+
+
+def test_second_model_checkpoint_and_embedded_nats_and_clean_stop(tmp_path_factory):
+    """A differently shaped Qwen2 checkpoint through `--model PATH`, 2 decode workers, the embedded NATS,
+    then SIGTERM: exit 0, no orphan."""
+    directory = tmp_path_factory.mktemp("qwen2-tiny")
+    build_qwen2_checkpoint(str(directory))
+    deployment = start_up(tmp_path_factory, "--model", str(directory), "--decode", "2")
+    try:
+        model, tokenizer = load_model(str(directory)), TextTokenizer.load(str(directory))
+        assert deployment.model == directory.name
+        prompts = PROMPTS
+
+        async def run():
+            async with httpx.AsyncClient(base_url=deployment.base_url, timeout=120) as client:
+                bodies = await asyncio.gather(*[complete(client, directory.name, p, 6 + 3 * i)
+                                                for i, p in enumerate(prompts)])
+                messages = [{"role": "user", "content": "hello"}]
+                chat = await client.post("/v1/chat/completions", json={
+                    "model": directory.name, "messages": messages, "max_tokens": 8, "temperature": 0})
+                return bodies, chat.json()
+
+        bodies, chat = asyncio.run(run())
+        for i, (prompt, body) in enumerate(zip(prompts, bodies)):
+            check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), 6 + 3 * i), tokenizer)
+        chat_ids = tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+        assert chat_ids[:len("<|im_start|>user")] == list(b"<|im_start|>user")
+        assert chat["choices"][0]["message"]["content"] == tokenizer.decode(reference_ids(model, tokenizer, chat_ids, 8))
+    finally:
+        import signal
+
+        code, orphans = stop_up(deployment, signal.SIGTERM)
+    assert code == 0, deployment.log()[-3000:]
+    assert orphans == []
