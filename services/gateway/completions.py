@@ -161,13 +161,6 @@ class Completions:
                 code="rate_limit_exceeded",
                 headers={"Retry-After": "1"},
             )
-        if request_id in self._active:
-            raise APIError(
-                409,
-                f"request id {request_id!r} is already in flight",
-                param="X-Request-Id",
-                code="duplicate_request_id",
-            )
         self._active.add(request_id)
 
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:

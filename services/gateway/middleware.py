@@ -27,15 +27,21 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def request_id_from(scope: Scope) -> str:
-    """The client's X-Request-Id when it is acceptable, else a fresh one."""
+def request_id_from(scope: Scope) -> tuple[str, str]:
+    """(id returned to the client, id of the request inside tsukimi).
+
+    The client's X-Request-Id, when acceptable, is echoed back; inside, it gets a random suffix, because the
+    internal id keys bus subjects and workers' cancellation memory: a client reusing its id for a retry must not
+    meet the state of the earlier request. Log lines carry the internal id, which contains the client's.
+    """
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
             if REQUEST_ID_PATTERN.match(candidate):
-                return candidate
+                return candidate, f"{candidate}-{uuid.uuid4().hex[:12]}"
             break
-    return new_request_id()
+    request_id = new_request_id()
+    return request_id, request_id
 
 
 class RequestContextMiddleware:
@@ -50,7 +56,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(scope)
+        client_request_id, request_id = request_id_from(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["arrival"] = time.monotonic()
@@ -60,7 +66,7 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 started["status"] = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = client_request_id
             await send(message)
 
         try:

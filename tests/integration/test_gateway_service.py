@@ -123,7 +123,8 @@ class FakeWorkers:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for cancel in self.cancels:
-                if request_id is None or cancel.request_id == request_id:
+                # The bus key is the client's id plus a per-request suffix.
+                if request_id is None or cancel.request_id.startswith(f"{request_id}-"):
                     return cancel
             await asyncio.sleep(0.01)
         raise AssertionError(f"no CancelRequest for {request_id}")

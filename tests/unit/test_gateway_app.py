@@ -59,9 +59,13 @@ class FakeBus:
         return True, {}
 
     async def wait_for_request(self) -> str:
+        """Id of the next request that reaches the bus (each is returned once)."""
+        seen = self.__dict__.setdefault("_seen", set())
         for _ in range(500):
-            if self.requests:
-                return next(iter(self.requests))
+            fresh = [rid for rid in self.requests if rid not in seen]
+            if fresh:
+                seen.add(fresh[0])
+                return fresh[0]
             await asyncio.sleep(0.01)
         raise AssertionError("no request reached the bus")
 
@@ -146,7 +150,7 @@ async def test_stop_string_cancels_the_workers():
     assert bus.cancels == [(response.headers["x-request-id"], "stop_string")]
 
 
-async def test_too_many_in_flight_is_429_and_duplicate_id_is_409():
+async def test_too_many_in_flight_is_429_and_a_reused_id_is_a_new_request():
     bus = FakeBus()
     async with client_for(bus, max_inflight_requests=1) as client:
         first = asyncio.create_task(
@@ -161,17 +165,25 @@ async def test_too_many_in_flight_is_429_and_duplicate_id_is_409():
         assert (await first).json()["choices"][0]["text"] == "A"
         assert (await first).json()["choices"][0]["finish_reason"] == "length"
 
+    # A client reusing its request id (a retry) gets a distinct request inside: the id is echoed back,
+    # the bus key differs, so the two never share a stream or a worker's cancellation memory.
     bus = FakeBus()
     async with client_for(bus) as client:
         first = asyncio.create_task(
             client.post("/v1/completions", json=BODY, headers={"X-Request-Id": "same"})
         )
-        await bus.wait_for_request()
-        response = await client.post("/v1/completions", json=BODY, headers={"X-Request-Id": "same"})
-        assert response.status_code == 409
-        assert response.json()["error"]["code"] == "duplicate_request_id"
-        bus.streams["same"].publish(TokenEvent(request_id="same", index=0, token_id=65, finish_reason="stop"))
-        assert (await first).status_code == 200
+        rid_first = await bus.wait_for_request()
+        second = asyncio.create_task(
+            client.post("/v1/completions", json=BODY, headers={"X-Request-Id": "same"})
+        )
+        rid_second = await bus.wait_for_request()
+        assert rid_first != rid_second
+        assert rid_first.startswith("same-") and rid_second.startswith("same-")
+        for rid in (rid_first, rid_second):
+            bus.streams[rid].publish(TokenEvent(request_id=rid, index=0, token_id=65, finish_reason="stop"))
+        for task in (first, second):
+            response = await task
+            assert response.status_code == 200 and response.headers["x-request-id"] == "same"
 
 
 async def test_refused_request_answers_with_the_conductors_error():
