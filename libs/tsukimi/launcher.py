@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _PR_SET_PDEATHSIG = 1
 
@@ -28,12 +28,21 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the API to be ready")
 
 
+# A child that dies after start-up is restarted, unless it died this many times within RESTART_WINDOW_S.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+
+
 @dataclass
 class Child:
     """A service process started by `up`."""
 
     name: str
+    # `tsukimi` subcommand it runs.
+    service: str
     process: subprocess.Popen
+    # Monotonic times of its restarts.
+    restarts: list[float] = field(default_factory=list)
 
 
 def _die_with_parent() -> None:
@@ -82,9 +91,21 @@ class Launcher:
             env["TSUKIMI_LOG_LEVEL"] = self.args.log_level
         return env
 
+    def _start(self, service: str, env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tsukimi", service], env=env, preexec_fn=_die_with_parent)
+
     def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "tsukimi", service], env=env, preexec_fn=_die_with_parent)
-        self.children.append(Child(name, process))
+        self.children.append(Child(name, service, self._start(service, env)))
+
+    def _restart(self, child: Child, env: dict[str, str]) -> bool:
+        """Restarts a child that died while serving; False when it keeps dying."""
+        now = time.monotonic()
+        child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
+        if len(child.restarts) > MAX_RESTARTS:
+            return False
+        _say(f"{child.name} exited with {child.process.returncode}; restarting it")
+        child.process = self._start(child.service, env)
+        return True
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -137,8 +158,8 @@ class Launcher:
         _say(f"ready. API at {api}/v1 serving model {model} "
              f"({args.prefill} prefill, {args.decode} decode). Ctrl-C stops everything.")
         while self._stop_signal is None:
-            if (dead := self._dead_child()) is not None:
-                _say(f"{dead.name} exited with {dead.process.returncode}; stopping everything")
+            if (dead := self._dead_child()) is not None and not self._restart(dead, env):
+                _say(f"{dead.name} died {MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:.0f}s; stopping everything")
                 return 1
             time.sleep(0.2)
         _say(f"got {signal.Signals(self._stop_signal).name}; stopping")

@@ -253,6 +253,7 @@ class Completions:
                 message="the request was refused", type=errors.SERVICE_UNAVAILABLE, http_status=503
             )
             raise APIError.from_info(info)
+        call.generation.watch_workers(reply.prefill_id, reply.decode_id)
         log.debug("placed on prefill %s, decode %s", reply.prefill_id, reply.decode_id)
 
     # ---- output --------------------------------------------------------------------------------------------

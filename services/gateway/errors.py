@@ -66,6 +66,16 @@ def stream_timeout(timeout_s: float) -> ErrorInfo:
     )
 
 
+def worker_lost(instance_id: str) -> ErrorInfo:
+    """A worker holding the request stopped (left or went silent) before finishing it."""
+    return ErrorInfo(
+        message=f"worker {instance_id} stopped while serving the request; retry it",
+        type=SERVICE_UNAVAILABLE,
+        code="worker_lost",
+        http_status=503,
+    )
+
+
 def bus_unavailable(detail: str) -> ErrorInfo:
     """The message bus refused an operation (disconnected, closed)."""
     return ErrorInfo(

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # Pools that must have a live instance for the gateway to report ready.
 REQUIRED_POOLS = ("prefill", "decode")
+# Lost instances remembered for `GatewayBus.is_lost`.
+MAX_LOST_REMEMBERED = 4096
 # Seconds uvicorn lets open connections (long streams) finish after a stop before cancelling them.
 GRACEFUL_SHUTDOWN_S = 5.0
 
@@ -102,6 +104,8 @@ class GatewayBus:
         self._submit_timeout_s = submit_timeout_s
         self._registry = InstanceRegistry(ttl_s=instance_ttl_s)
         self._heartbeats: Subscription | None = None
+        # Instances heard from that then left or went silent (bounded: oldest forgotten first).
+        self._lost: dict[str, float] = {}
 
     @classmethod
     async def connect(cls, settings: Settings) -> GatewayBus:
@@ -135,9 +139,23 @@ class GatewayBus:
             return
         if beat.is_leaving:
             self._registry.remove(beat.instance_id)
+            self._mark_lost(beat.instance_id)
             log.info("%s %s left", beat.kind, beat.instance_id)
         elif self._registry.observe(beat, time.monotonic()):
+            self._lost.pop(beat.instance_id, None)
             log.info("%s %s joined", beat.kind, beat.instance_id)
+
+    def _mark_lost(self, instance_id: str) -> None:
+        self._lost[instance_id] = time.monotonic()
+        while len(self._lost) > MAX_LOST_REMEMBERED:
+            del self._lost[next(iter(self._lost))]
+
+    def is_lost(self, instance_id: str) -> bool:
+        """True when `instance_id` was heard from and has since left or stopped heartbeating."""
+        for dead in self._registry.expire(time.monotonic()):
+            self._mark_lost(dead)
+            log.warning("instance %s stopped heartbeating", dead)
+        return instance_id in self._lost
 
     async def submit(self, request: GenerateRequest) -> SubmitReply:
         """The conductor's decision; an unreachable or silent conductor comes back as a refused 503 reply."""
@@ -171,7 +189,8 @@ class GatewayBus:
     def is_ready(self) -> tuple[bool, dict]:
         """Ready when connected and at least one prefill and one decode instance heartbeat within the TTL."""
         now = time.monotonic()
-        self._registry.expire(now)
+        for dead in self._registry.expire(now):
+            self._mark_lost(dead)
         alive = {pool: len(self._registry.alive(pool, now)) for pool in REQUIRED_POOLS}
         missing = [pool for pool, count in alive.items() if count == 0]
         is_connected = self.nc.is_connected

@@ -17,6 +17,9 @@ from tsukimi.text.detokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
 
+# Seconds between two checks that the workers holding a request are still alive.
+WORKER_CHECK_INTERVAL_S = 1.0
+
 
 class TokenStream(Protocol):
     """The TokenEvents of one request, in index order (error events as soon as they arrive)."""
@@ -47,6 +50,10 @@ class Bus(Protocol):
 
     def is_ready(self) -> tuple[bool, dict]:
         """Whether requests can be served (a prefill and a decode instance are alive), with details."""
+        ...
+
+    def is_lost(self, instance_id: str) -> bool:
+        """True when an instance once heard from has left or stopped heartbeating."""
         ...
 
 
@@ -119,6 +126,13 @@ class Generation:
         self._workers_done = False
         self._cancel_reason: str | None = None
         self._closed = False
+        # Workers holding the request, watched while waiting for tokens.
+        self._prefill_id: str | None = None
+        self._decode_id: str | None = None
+
+    def watch_workers(self, prefill_id: str | None, decode_id: str | None) -> None:
+        """Fail the request early (503) if one of these instances stops while it still needs it."""
+        self._prefill_id, self._decode_id = prefill_id, decode_id
 
     def mark_rejected(self) -> None:
         """The conductor refused the request: nobody works on it."""
@@ -131,11 +145,7 @@ class Generation:
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces as they become final; on return `finish_reason` is set. Raises `GenerationError`."""
         while True:
-            try:
-                event = await self._stream.next_event(self._timeout_s)
-            except TimeoutError:
-                self._cancel_reason = "timeout"
-                raise GenerationError(errors.stream_timeout(self._timeout_s)) from None
+            event = await self._next_event()
             if event.error is not None:
                 self._cancel_reason = "error"
                 raise GenerationError(event.error)
@@ -167,6 +177,24 @@ class Generation:
                 return
             if text:
                 yield text
+
+    async def _next_event(self) -> TokenEvent:
+        """The next event, waiting at most the stream timeout and failing early when a needed worker is lost."""
+        deadline = time.monotonic() + self._timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await self._stream.next_event(max(0.0, min(WORKER_CHECK_INTERVAL_S, left)))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    self._cancel_reason = "timeout"
+                    raise GenerationError(errors.stream_timeout(self._timeout_s)) from None
+            # NOTE: prefill matters until decode has produced a token (it may still be handing the KV over).
+            needed = [self._decode_id] + ([self._prefill_id] if self.completion_tokens <= 1 else [])
+            for instance_id in needed:
+                if instance_id and self._bus.is_lost(instance_id):
+                    self._cancel_reason = "worker_lost"
+                    raise GenerationError(errors.worker_lost(instance_id))
 
     def _observe_token(self) -> None:
         now = time.monotonic()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import time
 
 import httpx
@@ -191,35 +194,76 @@ async def test_health_models_metrics(demo_up):
     assert "my-trace-1" in demo_up.log()
 
 
-def test_second_model_checkpoint_and_embedded_nats_and_clean_stop(tmp_path_factory):
-    """A differently shaped Qwen2 checkpoint through `--model PATH`, 2 decode workers, the embedded NATS,
-    then SIGTERM: exit 0, no orphan."""
+@pytest.fixture(scope="module")
+def qwen_up(tmp_path_factory):
+    """A differently shaped Qwen2 checkpoint through `--model PATH`, 2 decode workers, the embedded NATS;
+    stopped with SIGTERM at the end, which must exit 0 and leave no orphan."""
     directory = tmp_path_factory.mktemp("qwen2-tiny")
     build_qwen2_checkpoint(str(directory))
     deployment = start_up(tmp_path_factory, "--model", str(directory), "--decode", "2")
-    try:
-        model, tokenizer = load_model(str(directory)), TextTokenizer.load(str(directory))
-        assert deployment.model == directory.name
-        prompts = PROMPTS
-
-        async def run():
-            async with httpx.AsyncClient(base_url=deployment.base_url, timeout=120) as client:
-                bodies = await asyncio.gather(*[complete(client, directory.name, p, 6 + 3 * i)
-                                                for i, p in enumerate(prompts)])
-                messages = [{"role": "user", "content": "hello"}]
-                chat = await client.post("/v1/chat/completions", json={
-                    "model": directory.name, "messages": messages, "max_tokens": 8, "temperature": 0})
-                return bodies, chat.json()
-
-        bodies, chat = asyncio.run(run())
-        for i, (prompt, body) in enumerate(zip(prompts, bodies)):
-            check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), 6 + 3 * i), tokenizer)
-        chat_ids = tokenizer.encode_chat([{"role": "user", "content": "hello"}])
-        assert chat_ids[:len("<|im_start|>user")] == list(b"<|im_start|>user")
-        assert chat["choices"][0]["message"]["content"] == tokenizer.decode(reference_ids(model, tokenizer, chat_ids, 8))
-    finally:
-        import signal
-
-        code, orphans = stop_up(deployment, signal.SIGTERM)
+    yield deployment, directory
+    code, orphans = stop_up(deployment, signal.SIGTERM)
     assert code == 0, deployment.log()[-3000:]
     assert orphans == []
+
+
+def test_second_model_greedy_matches_transformers(qwen_up):
+    deployment, directory = qwen_up
+    model, tokenizer = load_model(str(directory)), TextTokenizer.load(str(directory))
+    assert deployment.model == directory.name
+
+    async def run():
+        async with httpx.AsyncClient(base_url=deployment.base_url, timeout=120) as client:
+            bodies = await asyncio.gather(*[complete(client, directory.name, p, 6 + 3 * i)
+                                            for i, p in enumerate(PROMPTS)])
+            chat = await client.post("/v1/chat/completions", json={
+                "model": directory.name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8,
+                "temperature": 0})
+            return bodies, chat.json()
+
+    bodies, chat = asyncio.run(run())
+    for i, (prompt, body) in enumerate(zip(PROMPTS, bodies)):
+        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), 6 + 3 * i), tokenizer)
+    chat_ids = tokenizer.encode_chat([{"role": "user", "content": "hello"}])
+    assert chat_ids[:len("<|im_start|>user")] == list(b"<|im_start|>user")
+    assert chat["choices"][0]["message"]["content"] == tokenizer.decode(reference_ids(model, tokenizer, chat_ids, 8))
+
+
+def test_killed_decode_worker_fails_its_stream_fast_and_is_restarted(qwen_up):
+    deployment, directory = qwen_up
+
+    async def run():
+        async with httpx.AsyncClient(base_url=deployment.base_url, timeout=60) as client:
+            body = {"model": directory.name, "prompt": "endless", "max_tokens": 900, "temperature": 0,
+                    "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body,
+                                     headers={"X-Request-Id": "victim"}) as r:
+                lines = r.aiter_lines()
+                while not (await anext(lines)).startswith("data: {"):
+                    pass
+                placed = re.search(r"\[victim-\w+\] tsukimi.conductor: placed on prefill \S+, decode (\S+)",
+                                   deployment.log())
+                pid = int(placed.group(1).rsplit("-", 1)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                async for line in lines:
+                    if '"error"' in line:
+                        error = json.loads(line.removeprefix("data: "))["error"]
+                        break
+                else:
+                    raise AssertionError("stream ended without an error")
+            assert error["code"] == "worker_lost", error
+            assert time.monotonic() - killed_at < 10  # instance TTL is 2 s here, not the 300 s stream timeout
+            # The system keeps serving: the other decode worker, then the restarted one.
+            deadline = time.monotonic() + 120
+            while "decode-1 exited with -9; restarting it" not in deployment.log() and \
+                    "decode-0 exited with -9; restarting it" not in deployment.log():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            # NOTE: until its heartbeat TTL (2 s here) passes, the conductor may still place on the dead worker.
+            await asyncio.sleep(3)
+            for _ in range(3):
+                assert (await complete(client, directory.name, "after the crash", 4))["usage"][
+                    "completion_tokens"] == 4
+
+    asyncio.run(run())

@@ -4,6 +4,7 @@ errors, event ordering."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import pytest
@@ -41,6 +42,8 @@ class FakeBus:
         self.streams: dict[str, FakeStream] = {}
         self.requests: dict[str, GenerateRequest] = {}
         self.cancels: list[tuple[str, str]] = []
+        # Instances the test declares dead.
+        self.lost: set[str] = set()
 
     async def submit(self, request: GenerateRequest) -> SubmitReply:
         self.requests[request.request_id] = request
@@ -57,6 +60,9 @@ class FakeBus:
 
     def is_ready(self) -> tuple[bool, dict]:
         return True, {}
+
+    def is_lost(self, instance_id: str) -> bool:
+        return instance_id in self.lost
 
     async def wait_for_request(self) -> str:
         """Id of the next request that reaches the bus (each is returned once)."""
@@ -184,6 +190,21 @@ async def test_too_many_in_flight_is_429_and_a_reused_id_is_a_new_request():
         for task in (first, second):
             response = await task
             assert response.status_code == 200 and response.headers["x-request-id"] == "same"
+
+
+async def test_lost_decode_worker_fails_the_request_early_and_cancels_it():
+    bus = FakeBus()
+    async with client_for(bus, stream_timeout_s=60) as client:
+        started = time.monotonic()
+        pending = asyncio.create_task(client.post("/v1/completions", json=BODY))
+        rid = await bus.wait_for_request()
+        bus.streams[rid].publish(TokenEvent(request_id=rid, index=0, token_id=65))
+        bus.lost.add("d")
+        response = await pending
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "worker_lost"
+    assert time.monotonic() - started < 5  # not the 60 s stream timeout
+    assert (rid, "worker_lost") in bus.cancels
 
 
 async def test_refused_request_answers_with_the_conductors_error():
