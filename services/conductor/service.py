@@ -19,9 +19,8 @@ from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
     ErrorInfo, GenerateRequest, Heartbeat, PrefillTask, SubmitReply, TaskAck, decode, encode,
 )
-from tsukimi.common.probe import ProbeServer
 from tsukimi.common.registry import InstanceRegistry
-from tsukimi.common.runner import run_until_signal
+from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.journal import RequestJournal
 from tsukimi.conductor.scheduler import LeastLoadedScheduler
@@ -154,14 +153,10 @@ def main(settings: Settings) -> None:
     journal = RequestJournal(settings.database_url)
     service = ConductorService(settings, journal)
 
-    async def _main(stop: asyncio.Event) -> None:
-        probe = ProbeServer("conductor", lambda: (service.nc is not None and service.nc.is_connected, {
-            "instance_id": service.instance_id}), settings.host, settings.metrics_port).start()
-        log.info("probe on http://%s:%d", settings.host, probe.port)
-        try:
-            await service.run(stop)
-        finally:
-            probe.stop()
-            journal.close()
+    def health() -> tuple[bool, dict]:
+        return service.nc is not None and service.nc.is_connected, {"instance_id": service.instance_id}
 
-    run_until_signal(_main)
+    try:
+        run_with_probe("conductor", settings.host, settings.metrics_port, service.run, health)
+    finally:
+        journal.close()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from tsukimi.common.expiring import ExpiringSet
 from tsukimi.model.kv import KVLayout
 from tsukimi.transfer.tcp import TransferError
 
@@ -30,7 +31,7 @@ class KVInbox:
         self.max_bytes = max_bytes
         self.orphan_ttl_s = orphan_ttl_s
         self._deliveries: dict[str, Delivery] = {}
-        self._cancelled: dict[str, float] = {}
+        self._cancelled = ExpiringSet(orphan_ttl_s)
         # Bytes used elsewhere (the running batch), set by the owner; counted against the budget.
         self.num_bytes_in_use_elsewhere = 0
 
@@ -77,7 +78,7 @@ class KVInbox:
 
     def cancel(self, key: str) -> bool:
         """Frees `key`'s KV and refuses any that arrives later; True when something was freed."""
-        self._cancelled[key] = time.monotonic()
+        self._cancelled.add(key)
         return self._deliveries.pop(key, None) is not None
 
     def sweep(self) -> list[str]:
@@ -86,5 +87,5 @@ class KVInbox:
         stale = [k for k, d in self._deliveries.items() if now - d.since > self.orphan_ttl_s]
         for k in stale:
             del self._deliveries[k]
-        self._cancelled = {k: t for k, t in self._cancelled.items() if now - t <= self.orphan_ttl_s}
+        self._cancelled.prune()
         return stale

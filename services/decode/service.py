@@ -16,8 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.messages import CancelRequest, DecodeTask, ErrorInfo, Heartbeat, TaskAck, decode, encode
-from tsukimi.common.probe import ProbeServer
-from tsukimi.common.runner import run_until_signal
+from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.decode.engine import DecodeEngine, Sequence
 from tsukimi.decode.kv_inbox import KVInbox
@@ -166,14 +165,8 @@ def main(settings: Settings) -> None:
     engine = DecodeEngine(model, settings.max_batch_size, max_model_len(settings.model))
     service = DecodeService(settings, engine)
 
-    async def _main(stop: asyncio.Event) -> None:
-        probe = ProbeServer("decode", lambda: (service.nc is not None and service.nc.is_connected, {
-            "instance_id": service.instance_id, "running": engine.num_running}), settings.host,
-            settings.metrics_port).start()
-        log.info("probe on http://%s:%d", settings.host, probe.port)
-        try:
-            await service.run(stop)
-        finally:
-            probe.stop()
+    def health() -> tuple[bool, dict]:
+        return service.nc is not None and service.nc.is_connected, {
+            "instance_id": service.instance_id, "running": engine.num_running}
 
-    run_until_signal(_main)
+    run_with_probe("decode", settings.host, settings.metrics_port, service.run, health)

@@ -15,12 +15,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
+from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
     CancelRequest, DecodeTask, ErrorInfo, Heartbeat, PrefillTask, TaskAck, TokenEvent, decode, encode,
 )
-from tsukimi.common.probe import ProbeServer
-from tsukimi.common.runner import run_until_signal
+from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.model.kv import pack
 from tsukimi.model.loader import load_model
@@ -30,6 +30,9 @@ from tsukimi.prefill.engine import PrefillEngine
 from tsukimi.transfer.tcp import TcpSender, TransferError
 
 log = logging.getLogger("tsukimi.prefill")
+
+# Seconds a cancellation is remembered: longer than a task can wait in the queue.
+CANCEL_MEMORY_S = 600.0
 
 QUEUED = Gauge("tsukimi_prefill_waiting_requests", "Prefill tasks queued")
 RUNNING = Gauge("tsukimi_prefill_running_requests", "Prefill tasks computing")
@@ -52,7 +55,8 @@ class PrefillService:
         self.instance_id = settings.instance_name("prefill")
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
         self.sender = TcpSender(settings.kv_transfer_timeout_s)
-        self.cancelled: dict[str, float] = {}
+        # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
+        self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
         self.num_running = 0
         self.nc = None
 
@@ -88,10 +92,7 @@ class PrefillService:
             cancel = decode(msg.data, CancelRequest)
         except msgspec.ValidationError:
             return
-        now = time.monotonic()
-        self.cancelled[cancel.request_id] = now
-        # NOTE: cancellations are broadcast; keep each only as long as a request could still be queued here.
-        self.cancelled = {k: t for k, t in self.cancelled.items() if now - t < 600}
+        self.cancelled.add(cancel.request_id)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)
@@ -208,14 +209,8 @@ def main(settings: Settings) -> None:
     engine = PrefillEngine(load_model(settings.model))
     service = PrefillService(settings, engine, max_model_len(settings.model))
 
-    async def _main(stop: asyncio.Event) -> None:
-        probe = ProbeServer("prefill", lambda: (service.nc is not None and service.nc.is_connected, {
-            "instance_id": service.instance_id, "waiting": service.queue.qsize()}), settings.host,
-            settings.metrics_port).start()
-        log.info("probe on http://%s:%d", settings.host, probe.port)
-        try:
-            await service.run(stop)
-        finally:
-            probe.stop()
+    def health() -> tuple[bool, dict]:
+        return service.nc is not None and service.nc.is_connected, {
+            "instance_id": service.instance_id, "waiting": service.queue.qsize()}
 
-    run_until_signal(_main)
+    run_with_probe("prefill", settings.host, settings.metrics_port, service.run, health)

@@ -239,8 +239,10 @@ def test_killed_decode_worker_fails_its_stream_fast_and_is_restarted(qwen_up):
             async with client.stream("POST", "/v1/completions", json=body,
                                      headers={"X-Request-Id": "victim"}) as r:
                 lines = r.aiter_lines()
-                while not (await anext(lines)).startswith("data: {"):
-                    pass
+                # Three tokens: the first comes from prefill, the next ones prove decode holds the request.
+                num_tokens = 0
+                while num_tokens < 3:
+                    num_tokens += (await anext(lines)).startswith("data: {")
                 placed = re.search(r"\[victim-\w+\] tsukimi.conductor: placed on prefill \S+, decode (\S+)",
                                    deployment.log())
                 pid = int(placed.group(1).rsplit("-", 1)[1])

@@ -22,3 +22,24 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     asyncio.run(_run())
     log.info("stopped")
+
+
+def run_with_probe(
+    service: str,
+    host: str,
+    port: int,
+    run: Callable[[asyncio.Event], Awaitable[None]],
+    health: Callable[[], tuple[bool, dict]],
+) -> None:
+    """Runs `run(stop)` until a signal, with the probe server (/metrics, /health) on host:port meanwhile."""
+    from tsukimi.common.probe import ProbeServer
+
+    async def _main(stop: asyncio.Event) -> None:
+        probe = ProbeServer(service, health, host, port).start()
+        log.info("probe on http://%s:%d", host, probe.port)
+        try:
+            await run(stop)
+        finally:
+            probe.stop()
+
+    run_until_signal(_main)
