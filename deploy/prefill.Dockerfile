@@ -16,6 +16,6 @@ USER tsukimi
 WORKDIR /home/tsukimi
 
 # Defaults matching EXPOSE; docker-compose.yml sets the same values explicitly.
-ENV TSUKIMI_HOST=0.0.0.0 TSUKIMI_METRICS_PORT=9102
-EXPOSE 9102
+ENV TSUKIMI_HOST=0.0.0.0 TSUKIMI_METRICS_PORT=9102 TSUKIMI_KV_PORT=7001
+EXPOSE 9102 7001
 CMD ["tsukimi", "prefill"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -84,6 +85,8 @@ class Launcher:
             "TSUKIMI_METRICS_PORT": "0",
             "TSUKIMI_KV_PORT": "0",
             "TSUKIMI_CACHESTORE_GRPC_PORT": "0",
+            # NOTE: one secret per deployment; transfer engines refuse peers without it.
+            "TSUKIMI_CLUSTER_SECRET": env.get("TSUKIMI_CLUSTER_SECRET") or secrets.token_hex(32),
             "TSUKIMI_DATABASE_URL": self.args.database_url
             or env.get("TSUKIMI_DATABASE_URL", f"sqlite:///{os.path.join(cache, 'tsukimi.db')}"),
         })

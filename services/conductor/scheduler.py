@@ -20,8 +20,8 @@ class Placement:
     prefill_ids: list[str] = field(default_factory=list)
     # Decode instance chosen.
     decode_id: str | None = None
-    # "host:port" of that decode instance's KV receiver.
-    decode_kv_address: str = ""
+    # Transfer-engine segment of that decode instance.
+    decode_segment: str = ""
     # Why no placement is possible.
     error: ErrorInfo | None = None
 
@@ -47,7 +47,7 @@ class LeastLoadedScheduler:
     def place(self, model: str, prefills: list[Heartbeat], decodes: list[Heartbeat]) -> Placement:
         """Candidates for a request of `model` among live instances."""
         prefills = [b for b in prefills if b.model == model]
-        decodes = [b for b in decodes if b.model == model and b.kv_address]
+        decodes = [b for b in decodes if b.model == model and b.kv_segment]
         if not prefills or not decodes:
             missing = "prefill" if not prefills else "decode"
             return Placement(error=ErrorInfo(
@@ -59,7 +59,7 @@ class LeastLoadedScheduler:
                                              b.instance_id))
         return Placement(
             prefill_ids=[b.instance_id for b in ranked], decode_id=decode.instance_id,
-            decode_kv_address=decode.kv_address,
+            decode_segment=decode.kv_segment,
         )
 
     def on_placed(self, prefill_id: str, decode_id: str) -> None:

@@ -100,7 +100,7 @@ class ConductorService:
             log.warning("refused: %s", placement.error.message)
             return SubmitReply(is_accepted=False, error=placement.error)
         task = PrefillTask(request=request, decode_id=placement.decode_id,
-                           decode_kv_address=placement.decode_kv_address)
+                           decode_segment=placement.decode_segment)
         last_error = None
         for prefill_id in placement.prefill_ids[:MAX_PREFILL_ATTEMPTS]:
             try:

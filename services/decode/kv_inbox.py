@@ -1,91 +1,86 @@
-"""KV caches delivered by prefill workers, held until their decode task arrives (or freed when it never does)."""
+"""Reservations in the decode worker's KV landing arena: prefill reserves, writes through the transfer engine,
+then hands over the task; a reservation whose task never comes, or whose request is cancelled, is freed."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-import msgspec
-
 from tsukimi.common.expiring import ExpiringSet
-from tsukimi.model.kv import KVLayout
-from tsukimi.transfer.tcp import TransferError
+from tsukimi.decode.arena import ArenaAllocator, ArenaFull
+
+
+class KVRefused(Exception):
+    """A reservation cannot be made (cancelled request, duplicate, arena full)."""
 
 
 @dataclass
-class Delivery:
-    """One request's KV in host memory."""
+class Reservation:
+    """A byte range of the arena held for one request."""
 
-    layout: KVLayout
-    buffer: bytearray
-    # Monotonic time it was allocated.
+    offset: int
+    num_bytes: int
+    # Monotonic time it was made.
     since: float
-    # True once every byte has arrived.
-    is_complete: bool = False
 
 
 class KVInbox:
-    """Buffers for incoming KV, within a byte budget; remembers cancelled requests so late KV is refused."""
+    """Who holds which range of the arena."""
 
-    def __init__(self, max_bytes: int, orphan_ttl_s: float):
-        self.max_bytes = max_bytes
+    def __init__(self, capacity: int, orphan_ttl_s: float):
+        self.allocator = ArenaAllocator(capacity)
         self.orphan_ttl_s = orphan_ttl_s
-        self._deliveries: dict[str, Delivery] = {}
+        self._reservations: dict[str, Reservation] = {}
         self._cancelled = ExpiringSet(orphan_ttl_s)
-        # Bytes used elsewhere (the running batch), set by the owner; counted against the budget.
-        self.num_bytes_in_use_elsewhere = 0
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(len(d.buffer) for d in self._deliveries.values())
 
     @property
     def num_free_bytes(self) -> int:
-        return max(0, self.max_bytes - self.num_bytes - self.num_bytes_in_use_elsewhere)
+        return self.allocator.num_free_bytes
+
+    @property
+    def num_bytes(self) -> int:
+        return self.allocator.capacity - self.allocator.num_free_bytes
 
     def __len__(self) -> int:
-        return len(self._deliveries)
+        return len(self._reservations)
 
-    def allocate(self, key: str, meta: bytes, num_bytes: int) -> bytearray:
-        """A buffer for `key`'s KV; raises `TransferError` when refused (cancelled, duplicate, malformed, full)."""
+    def reserve(self, key: str, num_bytes: int) -> Reservation:
+        """Room for `key`'s KV; raises KVRefused."""
         if key in self._cancelled:
-            raise TransferError(f"request {key} was cancelled")
-        if key in self._deliveries:
-            raise TransferError(f"request {key} already has KV here")
+            raise KVRefused(f"request {key} was cancelled")
+        if key in self._reservations:
+            raise KVRefused(f"request {key} already holds a reservation")
         try:
-            layout = msgspec.msgpack.decode(meta, type=KVLayout)
-        except msgspec.DecodeError as exc:
-            raise TransferError(f"bad KV layout: {exc}") from exc
-        if layout.num_bytes != num_bytes:
-            raise TransferError(f"layout says {layout.num_bytes} bytes, sender sends {num_bytes}")
-        if num_bytes > self.num_free_bytes:
-            raise TransferError(f"KV memory full: {num_bytes} bytes asked, {self.num_free_bytes} free")
-        delivery = Delivery(layout, bytearray(num_bytes), time.monotonic())
-        self._deliveries[key] = delivery
-        return delivery.buffer
+            offset = self.allocator.allocate(num_bytes)
+        except ArenaFull as exc:
+            raise KVRefused(f"KV arena full: {exc}") from None
+        except ValueError as exc:
+            raise KVRefused(str(exc)) from None
+        reservation = self._reservations[key] = Reservation(offset, num_bytes, time.monotonic())
+        return reservation
 
-    def complete(self, key: str) -> None:
-        """Marks `key`'s KV as fully arrived."""
-        if key in self._deliveries:
-            self._deliveries[key].is_complete = True
+    def take(self, key: str) -> Reservation | None:
+        """`key`'s reservation, now owned by the caller (who must `release` it), or None."""
+        return self._reservations.pop(key, None)
 
-    def take(self, key: str) -> Delivery | None:
-        """Removes and returns `key`'s complete KV, or None when there is none."""
-        delivery = self._deliveries.get(key)
-        if delivery is None or not delivery.is_complete:
-            return None
-        return self._deliveries.pop(key)
+    def release(self, reservation: Reservation) -> None:
+        """Frees a taken reservation's range."""
+        self.allocator.free(reservation.offset)
 
     def cancel(self, key: str) -> bool:
-        """Frees `key`'s KV and refuses any that arrives later; True when something was freed."""
+        """Frees `key`'s reservation and refuses later ones for it; True when something was freed."""
         self._cancelled.add(key)
-        return self._deliveries.pop(key, None) is not None
+        reservation = self._reservations.pop(key, None)
+        if reservation is None:
+            return False
+        self.allocator.free(reservation.offset)
+        return True
 
     def sweep(self) -> list[str]:
-        """Frees KV whose task never came within the TTL and forgets old cancellations; returns freed keys."""
+        """Frees reservations whose task never came within the TTL; returns their keys."""
         now = time.monotonic()
-        stale = [k for k, d in self._deliveries.items() if now - d.since > self.orphan_ttl_s]
-        for k in stale:
-            del self._deliveries[k]
+        stale = [k for k, r in self._reservations.items() if now - r.since > self.orphan_ttl_s]
+        for key in stale:
+            self.allocator.free(self._reservations.pop(key).offset)
         self._cancelled.prune()
         return stale

@@ -18,7 +18,8 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, PrefillTask, TaskAck, TokenEvent, decode, encode,
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVReservation, KVReserve, PrefillTask, TaskAck, TokenEvent,
+    decode, encode,
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
@@ -27,7 +28,8 @@ from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
 from tsukimi.model.spec import max_model_len
 from tsukimi.prefill.engine import PrefillEngine
-from tsukimi.transfer.tcp import TcpSender, TransferError
+from tsukimi.transfer.engine import TransferEngine, TransferError
+from tsukimi.transfer.metadata import NatsMetadataStore
 
 log = logging.getLogger("tsukimi.prefill")
 
@@ -54,7 +56,7 @@ class PrefillService:
         self.max_model_len = max_len
         self.instance_id = settings.instance_name("prefill")
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
-        self.sender = TcpSender(settings.kv_transfer_timeout_s)
+        self.transfer: TransferEngine | None = None
         # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
         self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
         self.num_running = 0
@@ -96,6 +98,11 @@ class PrefillService:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)
+        self.transfer = TransferEngine(
+            self.instance_id, self.settings.secret_bytes(), NatsMetadataStore(self.nc, self.settings.segment_ttl_s),
+            host=self.settings.kv_host, port=self.settings.kv_port,
+            num_connections=self.settings.transfer_connections, timeout_s=self.settings.kv_transfer_timeout_s)
+        await self.transfer.start()
         await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
         beats = asyncio.create_task(heartbeat_forever(
@@ -115,7 +122,7 @@ class PrefillService:
             await self._process(getter.result())
         await self._fail_queued("prefill worker shutting down")
         await beats
-        await self.sender.close()
+        await self.transfer.close()
         await self.nc.drain()
 
     async def _process(self, task: PrefillTask) -> None:
@@ -163,11 +170,28 @@ class PrefillService:
             request_id_var.reset(token)
 
     async def _hand_over(self, task: PrefillTask, first: int, kv) -> None:
+        """Reserves room on the decode worker, writes the KV there through the transfer engine, hands over."""
         rid = task.request.request_id
         layout, flat = pack(kv)
         started = time.perf_counter()
         try:
-            await self.sender.send(task.decode_kv_address, rid, msgspec.msgpack.encode(layout), flat.numpy())
+            reply = await self.nc.request(subjects.decode_reserve(task.decode_id),
+                                          encode(KVReserve(request_id=rid, num_bytes=layout.num_bytes)),
+                                          timeout=self.settings.dispatch_timeout_s)
+            reservation = decode(reply.data, KVReservation)
+        except Exception as exc:
+            reservation = KVReservation(is_accepted=False, error=ErrorInfo(
+                message=f"decode worker {task.decode_id} did not answer: {exc!r}", type="service_unavailable",
+                code="decode_unavailable", http_status=503))
+        if not reservation.is_accepted:
+            OUTCOMES.labels("reserve_failed").inc()
+            if rid not in self.cancelled:
+                await self._emit(TokenEvent(request_id=rid, index=1, error=reservation.error))
+            return
+        local = self.transfer.register(flat.numpy(), read_only=True)
+        try:
+            await self.transfer.write(local, 0, task.decode_segment, reservation.buffer_id, reservation.offset,
+                                      layout.num_bytes)
         except TransferError as exc:
             log.warning("KV transfer to %s failed: %s", task.decode_id, exc)
             OUTCOMES.labels("transfer_failed").inc()
@@ -175,9 +199,12 @@ class PrefillService:
                 message=f"KV transfer to decode failed: {exc}", type="service_unavailable", code="kv_transfer_failed",
                 http_status=503)))
             return
+        finally:
+            self.transfer.unregister(local)
         TRANSFER_SECONDS.observe(time.perf_counter() - started)
         TRANSFER_BYTES.inc(layout.num_bytes)
-        handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=layout.seq_len)
+        handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=layout.seq_len,
+                             kv_layout=layout)
         try:
             reply = await self.nc.request(subjects.decode_tasks(task.decode_id), encode(handoff),
                                           timeout=self.settings.dispatch_timeout_s)

@@ -41,7 +41,8 @@ def reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 @pytest.fixture
 async def cluster(nats_url, model, tmp_path):
     """One conductor, prefill and decode service in this loop; yields (nats client, services)."""
-    settings = Settings(nats_url=nats_url, heartbeat_interval_s=0.2, database_url=f"sqlite:///{tmp_path}/j.db")
+    settings = Settings(nats_url=nats_url, heartbeat_interval_s=0.2, database_url=f"sqlite:///{tmp_path}/j.db",
+                        cluster_secret="pipeline-test", kv_arena_bytes=64 << 20)
     stop = asyncio.Event()
     conductor = ConductorService(settings.model_copy(update={"instance_id": "c-" + uuid.uuid4().hex[:6]}),
                                  RequestJournal(settings.database_url))
@@ -128,6 +129,7 @@ async def test_cancel_frees_decode_state(cluster):
         assert time.monotonic() < deadline, "decode kept the cancelled request"
         await asyncio.sleep(0.05)
     assert decoder.engine.batch.num_kv_bytes() == 0
+    assert decoder.inbox.num_free_bytes == decoder.inbox.allocator.capacity
 
 
 async def test_conductor_refuses_without_workers(nats_url, tmp_path):

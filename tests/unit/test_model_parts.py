@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tsukimi.common.messages import DecodeTask, GenerateRequest, SamplingParams
+from tsukimi.common.messages import DecodeTask, GenerateRequest, KVLayout, SamplingParams
 from tsukimi.decode.engine import DecodeEngine
 from tsukimi.model.kv import layout_of, pack, unpack
 from tsukimi.model.loader import build_demo_model
@@ -58,7 +58,9 @@ def test_batch_sampling_uses_each_rows_settings():
 def _task(rid, prompt, first, max_tokens, stop_ids=()):
     req = GenerateRequest(request_id=rid, model="demo", prompt_token_ids=prompt, arrival_time=0.0,
                           sampling=SamplingParams(temperature=0, max_tokens=max_tokens, stop_token_ids=list(stop_ids)))
-    return DecodeTask(request=req, first_token_id=first, num_kv_tokens=len(prompt))
+    # The engine reads the KV from the sequence; the layout only describes the bytes prefill delivered.
+    layout = KVLayout(num_layers=2, num_kv_heads=2, seq_len=len(prompt), head_dim=16, dtype="float32")
+    return DecodeTask(request=req, first_token_id=first, num_kv_tokens=len(prompt), kv_layout=layout)
 
 
 def test_engine_finishes_on_length_and_frees(tiny):

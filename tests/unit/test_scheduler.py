@@ -6,7 +6,7 @@ from tsukimi.conductor.scheduler import LeastLoadedScheduler
 
 
 def beat(iid, kind, waiting=0, running=0, model="demo", kv="127.0.0.1:1", max_running=8, free=1 << 30):
-    return Heartbeat(instance_id=iid, kind=kind, model=model, kv_address=kv if kind == "decode" else "",
+    return Heartbeat(instance_id=iid, kind=kind, model=model, kv_segment=kv if kind == "decode" else "",
                      num_waiting=waiting, num_running=running, max_running=max_running, num_free_kv_bytes=free)
 
 
@@ -16,7 +16,7 @@ def test_picks_least_loaded_prefill_and_decode():
                 [beat("d0", "decode", running=5), beat("d1", "decode", running=2, kv="10.0.0.2:7000")])
     assert p.error is None
     assert p.prefill_ids == ["p1", "p2", "p0"]
-    assert (p.decode_id, p.decode_kv_address) == ("d1", "10.0.0.2:7000")
+    assert (p.decode_id, p.decode_segment) == ("d1", "10.0.0.2:7000")
 
 
 def test_counts_own_placements_until_next_heartbeat():

@@ -47,6 +47,30 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
     http_status: int = 500
 
 
+class KVLayout(msgspec.Struct, frozen=True):
+    """Shape of one request's KV bytes: per layer K then V, each [num_kv_heads, seq_len, head_dim]."""
+
+    # Decoder layers.
+    num_layers: int
+    # KV heads per layer.
+    num_kv_heads: int
+    # Tokens covered.
+    seq_len: int
+    # Size of one head.
+    head_dim: int
+    # Element type: "float32", "bfloat16" or "float16".
+    dtype: str
+
+    @property
+    def element_size(self) -> int:
+        return {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+
+    @property
+    def num_bytes(self) -> int:
+        """Size of the whole buffer."""
+        return 2 * self.num_layers * self.num_kv_heads * self.seq_len * self.head_dim * self.element_size
+
+
 class GenerateRequest(Message):
     """Gateway -> conductor: one tokenized request to place."""
 
@@ -82,12 +106,34 @@ class PrefillTask(Message):
     request: GenerateRequest
     # Decode instance that continues it.
     decode_id: str
-    # "host:port" of that decode instance's KV receiver.
-    decode_kv_address: str
+    # Transfer-engine segment of that decode instance (where the KV is written).
+    decode_segment: str
+
+
+class KVReserve(Message):
+    """Prefill -> decode worker: reserve room for a request's KV before writing it."""
+
+    # The request.
+    request_id: str
+    # Bytes to reserve.
+    num_bytes: int
+
+
+class KVReservation(Message):
+    """Decode worker -> prefill: where to write the KV, or why not."""
+
+    # True when room was reserved.
+    is_accepted: bool
+    # Buffer of the decode worker's segment to write into.
+    buffer_id: int = 0
+    # Offset in that buffer.
+    offset: int = 0
+    # Why not.
+    error: ErrorInfo | None = None
 
 
 class DecodeTask(Message):
-    """Prefill -> decode worker: continue a request whose KV cache has already been delivered."""
+    """Prefill -> decode worker: continue a request whose KV cache has already been written to its reservation."""
 
     # The request.
     request: GenerateRequest
@@ -95,6 +141,8 @@ class DecodeTask(Message):
     first_token_id: int
     # Tokens whose KV was delivered (the prompt).
     num_kv_tokens: int
+    # Shape of the delivered KV.
+    kv_layout: KVLayout
     # Prompt tokens whose KV prefill reused instead of computing.
     num_cached_tokens: int = 0
 
@@ -143,8 +191,8 @@ class Heartbeat(Message):
     kind: InstanceKind
     # Served model name ("" for services without a model).
     model: str = ""
-    # "host:port" of its KV receiver (decode) or data endpoint; "" when it has none.
-    kv_address: str = ""
+    # Its transfer-engine segment name (decode: where prefill writes KV); "" when it has none.
+    kv_segment: str = ""
     # Requests queued, not yet running.
     num_waiting: int = 0
     # Requests running (in the prefill forward or the decode batch).

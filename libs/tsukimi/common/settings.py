@@ -32,9 +32,9 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8000, ge=0, le=65535)
     # Port of a non-gateway service's probe server (/metrics, /health); 0 picks a free port.
     metrics_port: int = Field(0, ge=0, le=65535)
-    # Address the decode worker's KV receiver binds to and advertises to prefill workers.
+    # Address a worker's transfer engine binds to and advertises to its peers (KV data plane).
     kv_host: str = "127.0.0.1"
-    # Port of the decode worker's KV receiver; 0 picks a free port.
+    # Port of that transfer engine; 0 picks a free port.
     kv_port: int = Field(0, ge=0, le=65535)
     # Port of the cachestore's gRPC API.
     cachestore_grpc_port: int = Field(50051, ge=0, le=65535)
@@ -54,9 +54,15 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     # Most prompts waiting in one prefill worker's queue before it refuses more.
     max_prefill_queue: int = Field(256, ge=1)
-    # Most KV bytes a decode worker holds for requests (received and running).
-    max_kv_bytes: int = Field(4 << 30, ge=1 << 20)
-    # Seconds a received KV cache waits for its decode task before it is freed.
+    # Bytes of the decode worker's shared KV landing arena (prefill writes each request's KV there).
+    kv_arena_bytes: int = Field(256 << 20, ge=1 << 20)
+    # Shared secret the transfer engines of one cluster authenticate each other with.
+    cluster_secret: str = ""
+    # Seconds a transfer-engine descriptor lives in the metadata store without a refresh.
+    segment_ttl_s: float = Field(10.0, gt=0)
+    # Connections a transfer engine opens to one TCP peer.
+    transfer_connections: int = Field(4, ge=1)
+    # Seconds a reserved KV range waits for its decode task before it is freed.
     kv_orphan_ttl_s: float = Field(30.0, gt=0)
     # Seconds a KV transfer may take before it fails.
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
@@ -81,6 +87,12 @@ class Settings(BaseSettings):
         if value != "demo" and not os.path.isdir(value):
             raise ValueError(f"model must be 'demo' or an existing checkpoint directory, got {value!r}")
         return value if value == "demo" else os.path.abspath(value)
+
+    def secret_bytes(self) -> bytes:
+        """The cluster secret; raises ValueError when none is configured (transfers must authenticate)."""
+        if not self.cluster_secret:
+            raise ValueError("TSUKIMI_CLUSTER_SECRET is not set: transfer engines need a shared secret")
+        return self.cluster_secret.encode()
 
     def model_name(self) -> str:
         """Name under which the model is served."""

@@ -22,6 +22,11 @@ def prefill_tasks(instance_id: str) -> str:
     return f"{PREFIX}.prefill.{instance_id}.tasks"
 
 
+def decode_reserve(instance_id: str) -> str:
+    """Prefill -> one decode worker, request/reply (`KVReserve` -> `KVReservation`), before writing KV."""
+    return f"{PREFIX}.decode.{instance_id}.reserve"
+
+
 def decode_tasks(instance_id: str) -> str:
     """Prefill -> one decode worker, request/reply (`DecodeTask` -> `TaskAck`), after the KV has arrived."""
     return f"{PREFIX}.decode.{instance_id}.tasks"

@@ -5,34 +5,13 @@ Layout: for each layer, K then V, each [num_kv_heads, seq_len, head_dim] contigu
 
 from __future__ import annotations
 
-import msgspec
 import torch
+
+from tsukimi.common.messages import KVLayout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class KVLayout(msgspec.Struct, frozen=True):
-    """Shape of one request's KV buffer."""
-
-    # Decoder layers.
-    num_layers: int
-    # KV heads per layer.
-    num_kv_heads: int
-    # Tokens covered.
-    seq_len: int
-    # Size of one head.
-    head_dim: int
-    # Element type, a key of `_DTYPES`.
-    dtype: str
-
-    @property
-    def num_bytes(self) -> int:
-        """Size of the whole buffer."""
-        return 2 * self.num_layers * self.num_kv_heads * self.seq_len * self.head_dim * self.element_size
-
-    @property
-    def element_size(self) -> int:
-        return torch.empty((), dtype=_DTYPES[self.dtype]).element_size()
 
 
 def layout_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVLayout:

@@ -1,0 +1,476 @@
+"""The transfer engine: the one way KV bytes move between processes (Mooncake's Transfer Engine, in Python).
+
+A process creates one engine with a unique segment name, registers buffers, and publishes its segment
+descriptor in the metadata store. Peers submit batches of READ/WRITE requests against its buffers; the target's
+application does nothing per transfer. Transport per peer: shm on the same host, else rdma when both offer it,
+else tcp; `TSUKIMI_TRANSFER_TRANSPORT` (or `force_transport`) forces one, and a forced transport that cannot
+reach a peer fails the request rather than falling back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from tsukimi.transfer.batch import Batch, Op, RequestStatus, Status, TransferRequest, check_range, cut
+from tsukimi.transfer.descriptor import BufferDescriptor, SegmentDescriptor, local_host_id
+from tsukimi.transfer.memory import SharedRegion, as_byte_view, sweep_orphans
+from tsukimi.transfer.metadata import MetadataStore
+from tsukimi.transfer.shm_peer import ShmPeer
+from tsukimi.transfer.tcp_peer import TcpPeer
+from tsukimi.transfer.tcp_server import TcpServer
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("shm", "tcp", "rdma")
+
+BYTES = Counter("tsukimi_transfer_bytes_total", "Bytes moved by the transfer engine", ["transport", "op"])
+REQUESTS = Counter("tsukimi_transfer_requests_total", "Transfer requests by outcome", ["transport", "status"])
+PEER_TRANSPORT = Gauge("tsukimi_transfer_peer_transport", "Transport chosen for a peer (1)", ["peer", "transport"])
+BATCH_SECONDS = Histogram("tsukimi_transfer_batch_seconds", "Submission to completion of a batch",
+                          buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+
+
+class TransferError(RuntimeError):
+    """A transfer did not complete; the message says which request and why."""
+
+
+@dataclass
+class LocalBuffer:
+    """A buffer this engine registered."""
+
+    buffer_id: int
+    view: memoryview
+    is_writable: bool
+    # Set when the engine allocated it in shared memory (peers on this host map it).
+    region: SharedRegion | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.view)
+
+
+@dataclass
+class _Peer:
+    descriptor: SegmentDescriptor
+    tcp: TcpPeer | None = None
+    shm: ShmPeer | None = None
+    logged: set | None = None
+
+
+class TransferEngine:
+    """One per process. Async API; data moves on the engine's own threads."""
+
+    def __init__(
+        self,
+        segment_name: str,
+        secret: bytes,
+        metadata: MetadataStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        transports: tuple[str, ...] = ("shm", "tcp"),
+        force_transport: str | None = None,
+        num_connections: int = 4,
+        window: int = 8,
+        slice_bytes: int = 1 << 20,
+        shm_slice_bytes: int = 8 << 20,
+        timeout_s: float = 10.0,
+        heartbeat_s: float | None = None,
+    ):
+        if not secret:
+            raise ValueError("a cluster secret is required: peers authenticate with it")
+        force_transport = force_transport or os.environ.get("TSUKIMI_TRANSFER_TRANSPORT") or None
+        if force_transport is not None and force_transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {force_transport!r}; choose one of {TRANSPORTS}")
+        self.segment_name = segment_name
+        self._secret = secret
+        self._metadata = metadata
+        self._host = host
+        self._port = port
+        self._transports = tuple(t for t in transports if t != "rdma" or self._rdma_available())
+        self.force_transport = force_transport
+        self._num_connections = num_connections
+        self._window = window
+        self._slice_bytes = slice_bytes
+        self._shm_slice_bytes = shm_slice_bytes
+        self.timeout_s = timeout_s
+        self._heartbeat_s = heartbeat_s
+        self._buffers: dict[int, LocalBuffer] = {}
+        self._next_buffer_id = 1
+        self._generation = 0
+        self._peers: dict[str, _Peer] = {}
+        self._batches: dict[int, Batch] = {}
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="transfer-shm")
+        self._server: TcpServer | None = None
+        self._heartbeat: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on this engine's event loop with each notification's payload.
+        self.on_notify: Callable[[bytes], Awaitable[None] | None] | None = None
+
+    @staticmethod
+    def _rdma_available() -> bool:
+        from tsukimi.transfer import rdma
+
+        ok, reason = rdma.probe()
+        if not ok:
+            log.info("rdma transport unavailable: %s", reason)
+        return ok
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> "TransferEngine":
+        """Serves this segment and publishes its descriptor (then keeps it fresh)."""
+        self._loop = asyncio.get_running_loop()
+        for name in sweep_orphans():
+            log.info("removed shared memory %s left by a dead process", name)
+        self._server = TcpServer(self._lookup, self._secret, self._notified, self._host, self._port).start()
+        await self.publish()
+        interval = self._heartbeat_s or getattr(self._metadata, "ttl_s", 10.0) / 3
+        self._heartbeat = asyncio.create_task(self._republish(interval))
+        log.info("transfer engine %s on %s (transports: %s%s)", self.segment_name, self._server.address,
+                 ", ".join(self._transports), f"; forced {self.force_transport}" if self.force_transport else "")
+        return self
+
+    async def close(self) -> None:
+        """Withdraws the descriptor, stops serving, frees shared memory."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            try:
+                await self._heartbeat
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self._metadata.delete(self.segment_name)
+        except Exception as exc:
+            log.warning("could not withdraw descriptor: %s", exc)
+        if self._server is not None:
+            self._server.close()
+        for peer in self._peers.values():
+            if peer.tcp:
+                peer.tcp.close()
+            if peer.shm:
+                peer.shm.forget()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for buffer in self._buffers.values():
+            if buffer.region is not None:
+                buffer.region.close()
+        self._buffers.clear()
+
+    async def __aenter__(self) -> "TransferEngine":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    @property
+    def address(self) -> str:
+        """"host:port" of this engine's TCP endpoint."""
+        return self._server.address if self._server else ""
+
+    def descriptor(self) -> SegmentDescriptor:
+        return SegmentDescriptor(
+            name=self.segment_name, host_id=local_host_id(), pid=os.getpid(), tcp_address=self.address,
+            transports=list(self._transports), published_at=time.time(), generation=self._generation,
+            buffers=[BufferDescriptor(b.buffer_id, b.length, b.is_writable, b.region.name if b.region else "")
+                     for b in self._buffers.values()],
+        )
+
+    async def publish(self) -> None:
+        """Writes the current descriptor to the metadata store."""
+        await self._metadata.put(self.descriptor())
+
+    async def _republish(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.publish()
+            except Exception as exc:  # NOTE: a missed heartbeat must not stop the next ones.
+                log.warning("descriptor heartbeat failed: %s", exc)
+
+    # ---- memory ------------------------------------------------------------------------------------------
+
+    def register(self, obj, read_only: bool = False) -> LocalBuffer:
+        """Registers private memory (bytearray, mmap, numpy array, torch CPU tensor). Peers reach it over tcp
+        (or rdma); same-host peers too, since it is not shared. Call `publish()` to announce new buffers."""
+        view = as_byte_view(obj)
+        return self._add(LocalBuffer(0, view, is_writable=not read_only and not view.readonly))
+
+    def allocate(self, length: int, read_only: bool = False) -> LocalBuffer:
+        """Allocates and registers `length` bytes of pre-faulted shared memory: same-host peers reach it with
+        one copy. Call `publish()` to announce it."""
+        region = SharedRegion.create(length)
+        return self._add(LocalBuffer(0, region.view, is_writable=not read_only, region=region))
+
+    def _add(self, buffer: LocalBuffer) -> LocalBuffer:
+        buffer.buffer_id = self._next_buffer_id
+        self._next_buffer_id += 1
+        self._buffers[buffer.buffer_id] = buffer
+        self._generation += 1
+        return buffer
+
+    def unregister(self, buffer: LocalBuffer) -> None:
+        """Withdraws a buffer; later requests for it are refused."""
+        if self._buffers.pop(buffer.buffer_id, None) is not None:
+            self._generation += 1
+            if buffer.region is not None:
+                buffer.region.close()
+
+    def _lookup(self, buffer_id: int) -> tuple[memoryview, bool] | None:
+        buffer = self._buffers.get(buffer_id)
+        return (buffer.view, buffer.is_writable) if buffer else None
+
+    # ---- peers -------------------------------------------------------------------------------------------
+
+    async def open_segment(self, name: str, refresh: bool = False) -> SegmentDescriptor:
+        """The descriptor of segment `name` (cached; `refresh` re-reads it). Raises TransferError if unknown."""
+        peer = self._peers.get(name)
+        if peer is not None and not refresh:
+            return peer.descriptor
+        descriptor = await self._metadata.get(name)
+        if descriptor is None:
+            raise TransferError(f"segment {name!r} is not published (unknown, or its process died)")
+        if peer is not None and (peer.descriptor.tcp_address != descriptor.tcp_address
+                                 or peer.descriptor.pid != descriptor.pid):
+            self._drop_peer(name)
+            peer = None
+        if peer is None:
+            self._peers[name] = _Peer(descriptor, logged=set())
+        else:
+            peer.descriptor = descriptor
+        return descriptor
+
+    def _drop_peer(self, name: str) -> None:
+        peer = self._peers.pop(name, None)
+        if peer is not None:
+            if peer.tcp:
+                peer.tcp.close()
+            if peer.shm:
+                peer.shm.forget()
+
+    def _choose(self, peer: _Peer, buffer: BufferDescriptor) -> tuple[str, str]:
+        """(transport, "") for a request to `buffer` of `peer`, or ("", why none can carry it)."""
+        d = peer.descriptor
+        same_host = d.host_id == local_host_id()
+        if self.force_transport:
+            options = [self.force_transport]
+        else:
+            options = [t for t in ("shm", "rdma", "tcp") if t in self._transports and t in d.transports]
+        reasons = []
+        for transport in options:
+            if transport == "shm":
+                if not same_host:
+                    reasons.append("shm: peer is on another host")
+                    continue
+                if peer.shm is None:
+                    peer.shm = ShmPeer(self._executor)
+                problem = peer.shm.can_reach(buffer)
+                if problem:
+                    reasons.append(f"shm: {problem}")
+                    continue
+            elif transport == "rdma":
+                reasons.append("rdma: not wired into the engine's data path yet")
+                continue
+            elif transport == "tcp" and "tcp" not in d.transports:
+                reasons.append("tcp: peer does not offer it")
+                continue
+            self._log_choice(peer, buffer, transport, reasons)
+            return transport, ""
+        return "", "; ".join(reasons) or "no common transport"
+
+    def _log_choice(self, peer: _Peer, buffer: BufferDescriptor, transport: str, reasons: list[str]) -> None:
+        key = (buffer.buffer_id, transport)
+        if key in peer.logged:
+            return
+        peer.logged.add(key)
+        PEER_TRANSPORT.labels(peer.descriptor.name, transport).set(1)
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        log.info("transfers to %s buffer %d use %s%s", peer.descriptor.name, buffer.buffer_id, transport, why)
+
+    # ---- batches -----------------------------------------------------------------------------------------
+
+    async def submit(self, requests: list[TransferRequest]) -> int:
+        """Starts a batch; returns its id. Requests that cannot start fail at once (see `status`)."""
+        batch = Batch(list(requests))
+        self._batches[batch.id] = batch
+        groups: dict[tuple[str, str, int], list] = {}
+        for index, request in enumerate(batch.requests):
+            problem = self._check_local(request)
+            if problem:
+                batch.fail(index, problem)
+                continue
+            try:
+                descriptor = await self.open_segment(request.segment)
+            except TransferError as exc:
+                batch.fail(index, str(exc))
+                continue
+            peer = self._peers[request.segment]
+            buffer = descriptor.buffer(request.buffer_id)
+            problem = self._check_target(descriptor, buffer, request)
+            if problem:
+                batch.fail(index, problem)
+                continue
+            transport, why = self._choose(peer, buffer)
+            if not transport:
+                batch.fail(index, f"no transport reaches {request.segment}: {why}")
+                continue
+            if transport == "shm" and not _pid_alive(descriptor.pid):
+                self._drop_peer(request.segment)
+                batch.fail(index, f"segment {request.segment}'s process {descriptor.pid} is gone")
+                continue
+            groups.setdefault((request.segment, transport, request.buffer_id), []).append(index)
+        for (segment, transport, buffer_id), indices in groups.items():
+            peer = self._peers.get(segment)
+            if peer is None:
+                for index in indices:
+                    batch.fail(index, f"segment {segment} went away")
+                continue
+            self._dispatch(batch, peer, transport, buffer_id, indices)
+        return batch.id
+
+    def _dispatch(self, batch: Batch, peer: _Peer, transport: str, buffer_id: int, indices: list[int]) -> None:
+        slices = []
+        size = self._shm_slice_bytes if transport == "shm" else self._slice_bytes
+        for index in indices:
+            request = batch.requests[index]
+            local = request.local.view[request.local_offset:request.local_offset + request.length]
+            pieces = cut(batch, index, local, size)
+            batch.start(index, len(pieces), transport)
+            BYTES.labels(transport, request.op.name).inc(request.length)
+            slices.extend(pieces)
+        if transport == "shm":
+            peer.shm.submit(peer.descriptor.buffer(buffer_id), slices)
+        else:
+            if peer.tcp is None:
+                peer.tcp = TcpPeer(peer.descriptor.tcp_address, self._secret, self._num_connections, self._window,
+                                   self.timeout_s)
+            peer.tcp.submit(slices)
+
+    def _check_local(self, request: TransferRequest) -> str:
+        local = request.local
+        if not isinstance(local, LocalBuffer) or self._buffers.get(local.buffer_id) is not local:
+            return "local buffer is not registered with this engine"
+        problem = check_range(request.local_offset, request.length, local.length)
+        if problem:
+            return f"local {problem}"
+        if request.op == Op.READ and not local.is_writable:
+            return "local buffer is read-only: cannot READ into it"
+        return ""
+
+    @staticmethod
+    def _check_target(descriptor: SegmentDescriptor, buffer: BufferDescriptor | None,
+                      request: TransferRequest) -> str:
+        if buffer is None:
+            return f"segment {descriptor.name} has no buffer {request.buffer_id}"
+        if request.op == Op.WRITE and not buffer.is_writable:
+            return f"buffer {request.buffer_id} of {descriptor.name} is read-only"
+        problem = check_range(request.target_offset, request.length, buffer.length)
+        return f"target {problem}" if problem else ""
+
+    def status(self, batch_id: int) -> list[RequestStatus]:
+        """Per-request status of a batch."""
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise KeyError(f"no batch {batch_id}")
+        return batch.snapshot()
+
+    async def wait(self, batch_id: int, timeout_s: float | None = None) -> list[RequestStatus]:
+        """Waits for a batch to end (at most `timeout_s`, default the engine's timeout plus a margin); requests
+        still open then are marked TIMEOUT. Forgets the batch."""
+        batch = self._batches[batch_id]
+        limit = timeout_s if timeout_s is not None else 2 * self.timeout_s + 1
+        if not batch.is_done:
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            batch.add_done_callback(lambda: loop.call_soon_threadsafe(_resolve, done))
+            try:
+                await asyncio.wait_for(asyncio.shield(done), limit)
+            except asyncio.TimeoutError:
+                pass
+        if not batch.is_done:
+            for index, st in enumerate(batch.snapshot()):
+                if not st.status.is_final:
+                    batch.fail(index, f"no completion within {limit}s", Status.TIMEOUT)
+        del self._batches[batch_id]
+        statuses = batch.snapshot()
+        BATCH_SECONDS.observe(time.monotonic() - batch.submitted_at)
+        failed_segments = set()
+        for request, st in zip(batch.requests, statuses):
+            REQUESTS.labels(st.transport or "none", st.status.value).inc()
+            if st.status != Status.COMPLETED:
+                failed_segments.add(request.segment)
+        for segment in failed_segments:
+            # NOTE: the peer may have restarted elsewhere; re-resolve it on next use.
+            self._drop_peer(segment)
+        return statuses
+
+    async def transfer(self, requests: list[TransferRequest], timeout_s: float | None = None) -> list[RequestStatus]:
+        """Submits a batch and waits for it; raises TransferError naming the first failed request."""
+        statuses = await self.wait(await self.submit(requests), timeout_s)
+        for index, st in enumerate(statuses):
+            if st.status != Status.COMPLETED:
+                r = requests[index]
+                raise TransferError(f"{r.op.name} of {r.length} bytes at {r.segment}/{r.buffer_id}+{r.target_offset}: "
+                                    f"{st.status.value}: {st.error}")
+        return statuses
+
+    async def write(self, local: LocalBuffer, local_offset: int, segment: str, buffer_id: int, target_offset: int,
+                    length: int) -> None:
+        """Copies local bytes into a peer's buffer; returns once they are in its memory."""
+        await self.transfer([TransferRequest(Op.WRITE, local, local_offset, segment, buffer_id, target_offset,
+                                             length)])
+
+    async def read(self, local: LocalBuffer, local_offset: int, segment: str, buffer_id: int, target_offset: int,
+                   length: int) -> None:
+        """Copies a peer's bytes into a local buffer."""
+        await self.transfer([TransferRequest(Op.READ, local, local_offset, segment, buffer_id, target_offset,
+                                             length)])
+
+    # ---- notifications -----------------------------------------------------------------------------------
+
+    async def notify(self, segment: str, payload: bytes) -> None:
+        """Delivers `payload` to the peer's `on_notify` (after every transfer this engine completed to it)."""
+        descriptor = await self.open_segment(segment)
+        peer = self._peers[segment]
+        if peer.tcp is None:
+            peer.tcp = TcpPeer(descriptor.tcp_address, self._secret, self._num_connections, self._window,
+                               self.timeout_s)
+        try:
+            await asyncio.to_thread(peer.tcp.notify, payload)
+        except OSError as exc:
+            self._drop_peer(segment)
+            raise TransferError(f"notification to {segment} failed: {exc}") from exc
+
+    def _notified(self, payload: bytes) -> None:
+        handler, loop = self.on_notify, self._loop
+        if handler is None or loop is None:
+            return
+
+        def run() -> None:
+            result = handler(payload)
+            if asyncio.iscoroutine(result):
+                loop.create_task(result)
+
+        loop.call_soon_threadsafe(run)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,454 @@
+"""RDMA transport of the transfer engine: one-sided RDMA WRITE/READ over reliable-connected QPs via pyverbs.
+
+pyverbs is rdma-core's Python binding. It is optional and imported lazily, so this module always imports;
+`probe()` says whether RDMA can be used here and why not. Getting pyverbs:
+- Debian/Ubuntu: `apt-get install python3-pyverbs` (system Python only: a venv needs
+  `--system-site-packages`). Debian 12 ships rdma-core 44.
+- PyPI: `pip install pyverbs` builds rdma-core from an sdist; it needs cmake, a C compiler and the libnl-3,
+  libnl-route-3 and libudev development headers, and at run time libibverbs1 and ibverbs-providers.
+- A device: real hardware, or SoftRoCE over any Ethernet interface (`rdma link add rxe0 type rxe netdev eth0`,
+  which needs the kernel's rdma_rxe module).
+
+Peers exchange `QpInfo` and `RemoteRegion` over the engine's TCP control connection, then move bytes with
+`RcConnection.post_write` / `post_read` and reap completions with `RcConnection.poll`. An RDMA WRITE raises
+no event at its target: the writer tells the peer over the control connection once its completions are in.
+Nothing here is thread-safe: the engine drives a device and its connections from one thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import random
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+SYSFS_DEVICES = Path("/sys/class/infiniband")
+
+# RC transport settings, the values of rdma-core's ibv_rc_pingpong.
+_MIN_RNR_TIMER = 12
+_TIMEOUT = 14
+_RETRY_CNT = 7
+_RNR_RETRY = 7
+# Outstanding RDMA READs per QP, further capped by the device.
+_RD_ATOMIC = 16
+_HOP_LIMIT = 64
+
+
+class RdmaUnavailable(RuntimeError):
+    """RDMA cannot be used on this machine: no pyverbs, no device, or the device/port cannot be opened."""
+
+
+class RdmaError(RuntimeError):
+    """A verbs operation failed on an opened device (connect, post, poll), or the object is closed."""
+
+
+@dataclass(frozen=True)
+class QpInfo:
+    """What a peer needs to connect its QP to ours; plain ints and a str, so msgspec/JSON encode it as is."""
+
+    # Port LID (InfiniBand); 0 on RoCE.
+    lid: int
+    qp_num: int
+    # Initial packet sequence number of our send queue (24 bits).
+    psn: int
+    # Port GID at `gid_index`, "xxxx:xxxx:xxxx:xxxx:xxxx:xxxx:xxxx:xxxx"; required on RoCE.
+    gid: str
+    port: int
+    gid_index: int
+    # Active path MTU as an ibv_mtu value (1 = 256 bytes ... 5 = 4096 bytes).
+    mtu: int
+
+
+@dataclass(frozen=True)
+class RemoteRegion:
+    """A peer's registered memory as the target of our WRITEs and the source of our READs."""
+
+    addr: int
+    rkey: int
+    length: int
+
+
+def check_bounds(
+    offset: int, length: int, region_length: int, remote_offset: int, remote_length: int, max_message: int
+) -> None:
+    """Raises ValueError unless [offset, offset+length) lies in the local region,
+    [remote_offset, remote_offset+length) in the remote one, and 0 < length <= max_message."""
+    if length <= 0:
+        # NOTE: an SGE of length 0 means 2 GiB to some HCAs, so an empty transfer is refused, not posted.
+        raise ValueError(f"length must be positive, got {length}")
+    if length > max_message:
+        raise ValueError(f"length {length} exceeds the device's max message size {max_message}")
+    if offset < 0 or offset + length > region_length:
+        raise ValueError(
+            f"local range [{offset}, {offset + length}) is outside the region of {region_length} bytes"
+        )
+    if remote_offset < 0 or remote_offset + length > remote_length:
+        raise ValueError(
+            f"remote range [{remote_offset}, {remote_offset + length}) "
+            f"is outside the region of {remote_length} bytes"
+        )
+
+
+def _load() -> SimpleNamespace:
+    """The pyverbs names this module uses; raises ImportError without pyverbs."""
+    root = logging.getLogger()
+    # NOTE: importing pyverbs.base calls logging.basicConfig(); a root handler present then makes it a no-op.
+    guard = None if root.handlers else logging.NullHandler()
+    if guard is not None:
+        root.addHandler(guard)
+    try:
+        device = importlib.import_module("pyverbs.device")
+        addr = importlib.import_module("pyverbs.addr")
+        cq = importlib.import_module("pyverbs.cq")
+        mr = importlib.import_module("pyverbs.mr")
+        pd = importlib.import_module("pyverbs.pd")
+        qp = importlib.import_module("pyverbs.qp")
+        wr = importlib.import_module("pyverbs.wr")
+        errors = importlib.import_module("pyverbs.pyverbs_error")
+        try:
+            enums = importlib.import_module("pyverbs.libibverbs_enums")
+        except ImportError:
+            # NOTE: older rdma-core (e.g. Debian 12's 44) names the enum module pyverbs.enums.
+            enums = importlib.import_module("pyverbs.enums")
+    finally:
+        if guard is not None:
+            root.removeHandler(guard)
+    return SimpleNamespace(
+        Context=device.Context,
+        get_device_list=device.get_device_list,
+        GID=addr.GID,
+        GlobalRoute=addr.GlobalRoute,
+        AHAttr=addr.AHAttr,
+        CQ=cq.CQ,
+        MR=mr.MR,
+        PD=pd.PD,
+        QP=qp.QP,
+        QPCap=qp.QPCap,
+        QPInitAttr=qp.QPInitAttr,
+        QPAttr=qp.QPAttr,
+        SGE=wr.SGE,
+        SendWR=wr.SendWR,
+        Error=errors.PyverbsError,
+        e=enums,
+    )
+
+
+def probe() -> tuple[bool, str]:
+    """(available, reason): whether pyverbs imports and lists at least one RDMA device. Never raises."""
+    try:
+        v = _load()
+    except ImportError as exc:
+        return False, f"pyverbs not installed: {exc}"
+    except Exception as exc:
+        return False, f"pyverbs failed to load: {exc!r}"
+    try:
+        if not SYSFS_DEVICES.is_dir() or not any(SYSFS_DEVICES.iterdir()):
+            return False, f"no RDMA device: {SYSFS_DEVICES} is empty or missing"
+        names = [d.name.decode() for d in v.get_device_list()]
+    except Exception as exc:
+        return False, f"cannot list RDMA devices: {exc}"
+    if not names:
+        return False, "no RDMA device: libibverbs lists none (is ibverbs-providers installed?)"
+    return True, "RDMA devices: " + ", ".join(names)
+
+
+def _gid_value(gid: str) -> int:
+    return int(gid.replace(":", ""), 16)
+
+
+def _flat_view(buffer) -> tuple[memoryview, int]:
+    """A flat byte view of a writable, C-contiguous, non-empty buffer, and its start address."""
+    view = memoryview(buffer)
+    if view.readonly:
+        raise ValueError("buffer is read-only")
+    if not view.c_contiguous:
+        raise ValueError("buffer is not C-contiguous")
+    flat = view.cast("B")
+    if flat.nbytes == 0:
+        raise ValueError("buffer is empty")
+    return flat, ctypes.addressof(ctypes.c_char.from_buffer(flat))
+
+
+class RdmaDevice:
+    """One opened device + protection domain + completion queue, shared by the connections made on it."""
+
+    def __init__(self, name: str | None = None, port: int = 1, gid_index: int = 0, cq_depth: int = 4096):
+        """Opens `name` (default: the first device), checks that `port` is active and reads its GID at
+        `gid_index`. Raises RdmaUnavailable with the reason otherwise."""
+        available, reason = probe()
+        if not available:
+            raise RdmaUnavailable(reason)
+        self._v = v = _load()
+        try:
+            names = [d.name.decode() for d in v.get_device_list()]
+            self.name = name if name is not None else names[0]
+            if self.name not in names:
+                raise RdmaUnavailable(f"no RDMA device {self.name!r}; present: {', '.join(names)}")
+            self._ctx = v.Context(name=self.name)
+        except v.Error as exc:
+            raise RdmaUnavailable(f"cannot open RDMA device {name or '(first)'}: {exc}") from exc
+        try:
+            attr = self._ctx.query_device()
+            port_attr = self._ctx.query_port(port)
+            if port_attr.state != v.e.IBV_PORT_ACTIVE:
+                raise RdmaUnavailable(f"{self.name} port {port} is not active (state {port_attr.state})")
+            self.port = port
+            self.gid_index = gid_index
+            self.gid = str(self._ctx.query_gid(port, gid_index))
+            if port_attr.link_layer == v.e.IBV_LINK_LAYER_ETHERNET and not _gid_value(self.gid):
+                raise RdmaUnavailable(
+                    f"{self.name} port {port} has no GID at index {gid_index} (RoCE needs one)"
+                )
+            self.lid = int(port_attr.lid)
+            self.active_mtu = int(port_attr.active_mtu)
+            self.max_message_size = int(port_attr.max_msg_sz)
+            self.max_qp_wr = int(attr.max_qp_wr)
+            self.max_rd_atomic = min(_RD_ATOMIC, int(attr.max_qp_init_rd_atom))
+            self.max_dest_rd_atomic = min(_RD_ATOMIC, int(attr.max_qp_rd_atom))
+            self.cq_depth = min(cq_depth, int(attr.max_cqe))
+            self._pd = v.PD(self._ctx)
+            self._cq = v.CQ(self._ctx, self.cq_depth, None, None, 0)
+        except BaseException as exc:
+            self._ctx.close()
+            if isinstance(exc, v.Error):
+                raise RdmaUnavailable(f"cannot set up {self.name} port {port}: {exc}") from exc
+            raise
+        # Completion-queue entries promised to connections: the sum of their send-queue depths.
+        self._cq_reserved = 0
+        # Completions reaped from the shared CQ, per QP number, until that QP's connection polls.
+        self._completions: dict[int, deque[tuple[int, bool, str]]] = {}
+        self.closed = False
+
+    def register(self, buffer, writable: bool) -> MemoryRegion:
+        """Registers `buffer` (writable, C-contiguous: bytearray, mmap, numpy array, `tensor.numpy()`) for
+        local use and remote READ, plus remote WRITE when `writable`. The buffer stays exported (a bytearray
+        cannot be resized, an mmap not closed) until the region is closed."""
+        self._check_open()
+        flat, addr = _flat_view(buffer)
+        e = self._v.e
+        access = e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_READ
+        if writable:
+            access |= e.IBV_ACCESS_REMOTE_WRITE
+        try:
+            mr = self._v.MR(self._pd, flat.nbytes, access, address=addr)
+        except self._v.Error as exc:
+            flat.release()
+            raise RdmaError(f"cannot register {flat.nbytes} bytes: {exc}") from exc
+        return MemoryRegion(self, mr, flat, addr)
+
+    def close(self) -> None:
+        """Releases the device and every verbs object made on it (regions and connections not closed yet)."""
+        if not self.closed:
+            self.closed = True
+            self._completions.clear()
+            self._ctx.close()
+
+    def _check_open(self) -> None:
+        # NOTE: pyverbs objects dereference their C pointer unchecked, so a call after close would crash.
+        if self.closed:
+            raise RdmaError(f"RDMA device {self.name} is closed")
+
+    def _reap(self, qp_num: int, max_entries: int) -> list[tuple[int, bool, str]]:
+        """Up to `max_entries` completions of QP `qp_num`, keeping those of other QPs for their owners."""
+        self._check_open()
+        try:
+            _, wcs = self._cq.poll(max_entries)
+        except self._v.Error as exc:
+            raise RdmaError(f"polling the completion queue failed: {exc}") from exc
+        for wc in wcs:
+            ok = wc.status == self._v.e.IBV_WC_SUCCESS
+            text = "success" if ok else f"{self._status_name(wc.status)} (vendor error {wc.vendor_err:#x})"
+            queue = self._completions.get(wc.qp_num)
+            if queue is not None:
+                queue.append((wc.wr_id, ok, text))
+        queue = self._completions[qp_num]
+        return [queue.popleft() for _ in range(min(max_entries, len(queue)))]
+
+    def _status_name(self, status: int) -> str:
+        try:
+            return self._v.e.ibv_wc_status(status).name
+        except ValueError:
+            return f"work completion status {status}"
+
+
+class MemoryRegion:
+    """A registered buffer: `addr`, `length`, and the keys local (`lkey`) and remote (`rkey`) access use."""
+
+    def __init__(self, device: RdmaDevice, mr, view: memoryview, addr: int):
+        self.device = device
+        self._mr = mr
+        self._view = view
+        self.addr = addr
+        self.length = view.nbytes
+        self.lkey = int(mr.lkey)
+        self.rkey = int(mr.rkey)
+        self.closed = False
+
+    def remote(self) -> RemoteRegion:
+        """What a peer needs to WRITE into or READ from this region."""
+        return RemoteRegion(addr=self.addr, rkey=self.rkey, length=self.length)
+
+    def close(self) -> None:
+        """Deregisters the region and releases the buffer."""
+        if not self.closed:
+            self.closed = True
+            self._mr.close()
+            self._view.release()
+
+
+class RcConnection:
+    """One reliable-connected QP to one peer, completing into the device's shared CQ."""
+
+    def __init__(self, device: RdmaDevice, max_send_wr: int = 256):
+        """Creates the QP in INIT state, accepting remote READ and WRITE; `max_send_wr` bounds the work
+        posted and not yet polled. Raises RdmaError when the device's CQ cannot hold that many more."""
+        device._check_open()
+        if not 0 < max_send_wr <= device.max_qp_wr:
+            raise ValueError(f"max_send_wr must be in [1, {device.max_qp_wr}], got {max_send_wr}")
+        if device._cq_reserved + max_send_wr > device.cq_depth:
+            raise RdmaError(
+                f"completion queue of {device.cq_depth} entries has {device.cq_depth - device._cq_reserved} "
+                f"left, {max_send_wr} asked"
+            )
+        v = device._v
+        self.device = device
+        self.max_send_wr = max_send_wr
+        cap = v.QPCap(max_send_wr=max_send_wr, max_recv_wr=1, max_send_sge=1, max_recv_sge=1)
+        init = v.QPInitAttr(qp_type=v.e.IBV_QPT_RC, scq=device._cq, rcq=device._cq, cap=cap, sq_sig_all=1)
+        attr = v.QPAttr(port_num=device.port)
+        attr.qp_access_flags = (
+            v.e.IBV_ACCESS_LOCAL_WRITE | v.e.IBV_ACCESS_REMOTE_WRITE | v.e.IBV_ACCESS_REMOTE_READ
+        )
+        try:
+            # NOTE: given a QPAttr, pyverbs' QP constructor moves an RC QP from RESET to INIT.
+            self._qp = v.QP(device._pd, init, attr)
+        except v.Error as exc:
+            raise RdmaError(f"cannot create an RC QP: {exc}") from exc
+        device._cq_reserved += max_send_wr
+        self.qp_num = int(self._qp.qp_num)
+        self.psn = random.getrandbits(24)
+        device._completions[self.qp_num] = deque()
+        self.inflight = 0
+        self.connected = False
+        self.closed = False
+
+    def local_info(self) -> QpInfo:
+        """What the peer passes to its `connect`."""
+        d = self.device
+        return QpInfo(
+            lid=d.lid,
+            qp_num=self.qp_num,
+            psn=self.psn,
+            gid=d.gid,
+            port=d.port,
+            gid_index=d.gid_index,
+            mtu=d.active_mtu,
+        )
+
+    def connect(self, remote: QpInfo) -> None:
+        """Moves the QP INIT -> RTR -> RTS towards the peer's QP; both sides call it with the other's info."""
+        self._check_open()
+        if self.connected:
+            raise RdmaError("already connected")
+        d = self.device
+        v = d._v
+        attr = v.QPAttr(port_num=d.port)
+        attr.path_mtu = min(d.active_mtu, remote.mtu)
+        attr.dest_qp_num = remote.qp_num
+        attr.rq_psn = remote.psn
+        attr.max_dest_rd_atomic = d.max_dest_rd_atomic
+        attr.min_rnr_timer = _MIN_RNR_TIMER
+        if _gid_value(remote.gid):
+            route = v.GlobalRoute(dgid=v.GID(remote.gid), sgid_index=d.gid_index, hop_limit=_HOP_LIMIT)
+            attr.ah_attr = v.AHAttr(dlid=remote.lid, port_num=d.port, is_global=1, gr=route)
+        else:
+            # NOTE: without a GID the peer is addressed by LID alone, which only InfiniBand supports.
+            attr.ah_attr = v.AHAttr(dlid=remote.lid, port_num=d.port)
+        attr.timeout = _TIMEOUT
+        attr.retry_cnt = _RETRY_CNT
+        attr.rnr_retry = _RNR_RETRY
+        attr.sq_psn = self.psn
+        attr.max_rd_atomic = d.max_rd_atomic
+        try:
+            self._qp.to_rtr(attr)
+            self._qp.to_rts(attr)
+        except v.Error as exc:
+            raise RdmaError(f"cannot connect QP {self.qp_num} to QP {remote.qp_num}: {exc}") from exc
+        self.connected = True
+
+    def post_write(
+        self, wr_id: int, mr: MemoryRegion, offset: int, length: int, remote: RemoteRegion, remote_offset: int
+    ) -> None:
+        """RDMA WRITE of mr[offset:offset+length] to the remote region at `remote_offset`; its completion
+        comes out of `poll` with `wr_id`. Raises ValueError for a range outside either region."""
+        self._post(self.device._v.e.IBV_WR_RDMA_WRITE, wr_id, mr, offset, length, remote, remote_offset)
+
+    def post_read(
+        self, wr_id: int, mr: MemoryRegion, offset: int, length: int, remote: RemoteRegion, remote_offset: int
+    ) -> None:
+        """RDMA READ of `length` bytes of the remote region at `remote_offset` into mr[offset:]; see
+        `post_write`."""
+        self._post(self.device._v.e.IBV_WR_RDMA_READ, wr_id, mr, offset, length, remote, remote_offset)
+
+    def poll(self, max_entries: int = 64) -> list[tuple[int, bool, str]]:
+        """(wr_id, ok, status text) of up to `max_entries` completed work requests; never blocks. After a
+        failed one the QP is in error and the rest of its work completes with a flush error."""
+        self._check_open()
+        done = self.device._reap(self.qp_num, max_entries)
+        self.inflight -= len(done)
+        return done
+
+    def close(self) -> None:
+        """Destroys the QP; work still in flight is abandoned."""
+        if not self.closed:
+            self.closed = True
+            if not self.device.closed:
+                self._qp.close()
+                self.device._cq_reserved -= self.max_send_wr
+                self.device._completions.pop(self.qp_num, None)
+
+    def _check_open(self) -> None:
+        self.device._check_open()
+        if self.closed:
+            raise RdmaError(f"connection of QP {self.qp_num} is closed")
+
+    def _post(
+        self,
+        opcode,
+        wr_id: int,
+        mr: MemoryRegion,
+        offset: int,
+        length: int,
+        remote: RemoteRegion,
+        remote_offset: int,
+    ) -> None:
+        self._check_open()
+        check_bounds(offset, length, mr.length, remote_offset, remote.length, self.device.max_message_size)
+        if not 0 <= wr_id < 1 << 64:
+            raise ValueError(f"wr_id must fit in 64 bits, got {wr_id}")
+        if mr.closed or mr.device is not self.device:
+            raise ValueError("memory region is closed or registered on another device")
+        if not self.connected:
+            raise RdmaError("not connected")
+        if self.inflight >= self.max_send_wr:
+            raise RdmaError(f"send queue full ({self.max_send_wr} work requests in flight): poll first")
+        v = self.device._v
+        # NOTE: pyverbs' SGE and SendWR free their C memory only in close() (never on garbage collection),
+        # and a second close() frees it twice. SendWR copies the SGE, and the provider copies the WR.
+        sge = v.SGE(mr.addr + offset, length, mr.lkey)
+        try:
+            wr = v.SendWR(wr_id=wr_id, opcode=opcode, num_sge=1, sg=[sge], send_flags=v.e.IBV_SEND_SIGNALED)
+        finally:
+            sge.close()
+        try:
+            wr.set_wr_rdma(remote.rkey, remote.addr + remote_offset)
+            self._qp.post_send(wr)
+        except v.Error as exc:
+            raise RdmaError(f"posting work request {wr_id} failed: {exc}") from exc
+        finally:
+            wr.close()
+        self.inflight += 1

@@ -1,0 +1,106 @@
+"""The transfer engine's TCP wire protocol: a mutual HMAC handshake, then pipelined binary requests.
+
+Handshake (both sides prove they hold the cluster secret; nothing is served before it succeeds):
+  server -> client  MAGIC, version, nonce_s (32 B)
+  client -> server  nonce_c (32 B), HMAC(secret, "C" + nonce_s + nonce_c)
+  server -> client  status (1 B), HMAC(secret, "S" + nonce_c + nonce_s)
+Request:  op (1 B), buffer id (4 B), seq (8 B), offset (8 B), length (8 B); WRITE and NOTIFY carry `length`
+          payload bytes after it.
+Response: seq (8 B), status (1 B), message length (4 B), message; a successful READ is followed by the bytes.
+A connection serves requests in order, so a client may send many before reading the responses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+import struct
+
+MAGIC = b"TSKT"
+VERSION = 1
+NONCE_BYTES = 32
+
+OP_READ, OP_WRITE, OP_NOTIFY = 1, 2, 3
+OP_NAMES = {OP_READ: "READ", OP_WRITE: "WRITE", OP_NOTIFY: "NOTIFY"}
+
+STATUS_OK, STATUS_BOUNDS, STATUS_ACCESS, STATUS_NO_BUFFER, STATUS_BAD_REQUEST, STATUS_REFUSED = range(6)
+
+REQUEST = struct.Struct(">BIQQQ")
+RESPONSE = struct.Struct(">QBI")
+MAX_MESSAGE_BYTES = 4096
+# Largest NOTIFY payload a server accepts.
+MAX_NOTIFY_BYTES = 1 << 20
+
+
+class AuthError(ConnectionError):
+    """The peer does not hold the cluster secret (or is not a tsukimi engine)."""
+
+
+def _mac(secret: bytes, label: bytes, *parts: bytes) -> bytes:
+    return hmac.new(secret, label + b"".join(parts), hashlib.sha256).digest()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly n bytes; ConnectionError when the peer closes first."""
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fills `view` from the socket; ConnectionError when the peer closes first."""
+    received, n = 0, len(view)
+    while received < n:
+        got = sock.recv_into(view[received:], n - received)
+        if got == 0:
+            raise ConnectionError(f"peer closed after {received} of {n} bytes")
+        received += got
+
+
+def server_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Authenticates a client; raises AuthError (after telling it) when it fails."""
+    nonce_s = os.urandom(NONCE_BYTES)
+    sock.sendall(MAGIC + bytes([VERSION]) + nonce_s)
+    reply = recv_exact(sock, NONCE_BYTES + 32)
+    nonce_c, proof = reply[:NONCE_BYTES], reply[NONCE_BYTES:]
+    if not hmac.compare_digest(proof, _mac(secret, b"C", nonce_s, nonce_c)):
+        sock.sendall(bytes([STATUS_REFUSED]) + bytes(32))
+        raise AuthError("client failed authentication")
+    sock.sendall(bytes([STATUS_OK]) + _mac(secret, b"S", nonce_c, nonce_s))
+
+
+def client_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Authenticates to a server and checks that the server holds the secret too."""
+    hello = recv_exact(sock, len(MAGIC) + 1 + NONCE_BYTES)
+    if hello[:4] != MAGIC or hello[4] != VERSION:
+        raise AuthError("peer is not a tsukimi transfer engine of this version")
+    nonce_s = hello[5:]
+    nonce_c = os.urandom(NONCE_BYTES)
+    sock.sendall(nonce_c + _mac(secret, b"C", nonce_s, nonce_c))
+    answer = recv_exact(sock, 33)
+    if answer[0] != STATUS_OK:
+        raise AuthError("server refused our credentials (cluster secret mismatch)")
+    if not hmac.compare_digest(answer[1:], _mac(secret, b"S", nonce_c, nonce_s)):
+        raise AuthError("server failed authentication")
+
+
+def send_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
+    """Sends header and payload with as few system calls as the kernel allows (scatter-gather)."""
+    sent = sock.sendmsg([header, payload])
+    total = len(header) + len(payload)
+    if sent < total:
+        if sent < len(header):
+            sock.sendall(header[sent:])
+            sent = len(header)
+        sock.sendall(payload[sent - len(header):])
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
