@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.launcher import add_up_arguments
 
     add_up_arguments(sub.add_parser("up", help="start the whole system: NATS, every service, the API"))
+    bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(dest="bench", required=True)
+    from tsukimi.bench import transfer as transfer_bench
+
+    transfer_bench.add_arguments(bench.add_parser("transfer", help="transfer engine throughput between two processes"))
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        transfer_bench.print_result(transfer_bench.run(args), args.json)
+        return 0
     if args.command in SERVICES:
         return _run_service(args.command)
     from tsukimi.launcher import up
