@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
@@ -47,6 +48,7 @@ class SegmentDescriptor(msgspec.Struct):
         return next((b for b in self.buffers if b.buffer_id == buffer_id), None)
 
 
+@functools.cache
 def local_host_id() -> str:
     """This machine's identity for same-host detection."""
     try:

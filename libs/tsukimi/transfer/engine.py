@@ -63,6 +63,8 @@ class _Peer:
     tcp: TcpPeer | None = None
     shm: ShmPeer | None = None
     logged: set | None = None
+    # Transport chosen per buffer id: (transport, "") or ("", why none).
+    choices: dict | None = None
 
 
 class TransferEngine:
@@ -242,8 +244,10 @@ class TransferEngine:
             self._drop_peer(name)
             peer = None
         if peer is None:
-            self._peers[name] = _Peer(descriptor, logged=set())
+            self._peers[name] = _Peer(descriptor, logged=set(), choices={})
         else:
+            if peer.descriptor.generation != descriptor.generation:
+                peer.choices.clear()
             peer.descriptor = descriptor
         return descriptor
 
@@ -256,7 +260,13 @@ class TransferEngine:
                 peer.shm.forget()
 
     def _choose(self, peer: _Peer, buffer: BufferDescriptor) -> tuple[str, str]:
-        """(transport, "") for a request to `buffer` of `peer`, or ("", why none can carry it)."""
+        """(transport, "") for a request to `buffer` of `peer`, or ("", why none can carry it); cached."""
+        choice = peer.choices.get(buffer.buffer_id)
+        if choice is None:
+            choice = peer.choices[buffer.buffer_id] = self._choose_uncached(peer, buffer)
+        return choice
+
+    def _choose_uncached(self, peer: _Peer, buffer: BufferDescriptor) -> tuple[str, str]:
         d = peer.descriptor
         same_host = d.host_id == local_host_id()
         if self.force_transport:
@@ -301,6 +311,7 @@ class TransferEngine:
         batch = Batch(list(requests))
         self._batches[batch.id] = batch
         groups: dict[tuple[str, str, int], list] = {}
+        alive: dict[int, bool] = {}
         for index, request in enumerate(batch.requests):
             problem = self._check_local(request)
             if problem:
@@ -321,7 +332,7 @@ class TransferEngine:
             if not transport:
                 batch.fail(index, f"no transport reaches {request.segment}: {why}")
                 continue
-            if transport == "shm" and not _pid_alive(descriptor.pid):
+            if transport == "shm" and not alive.setdefault(descriptor.pid, _pid_alive(descriptor.pid)):
                 self._drop_peer(request.segment)
                 batch.fail(index, f"segment {request.segment}'s process {descriptor.pid} is gone")
                 continue

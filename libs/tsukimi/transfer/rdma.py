@@ -141,9 +141,10 @@ def probe() -> tuple[bool, str]:
     """(available, reason): whether pyverbs imports and lists at least one RDMA device. Never raises."""
     try:
         v = _load()
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         return False, f"pyverbs not installed: {exc}"
     except Exception as exc:
+        # NOTE: e.g. a pyverbs built against another rdma-core than the system's libibverbs (private ABI).
         return False, f"pyverbs failed to load: {exc!r}"
     try:
         if not SYSFS_DEVICES.is_dir() or not any(SYSFS_DEVICES.iterdir()):
