@@ -52,7 +52,9 @@ def test_device_raises_rdma_unavailable_with_the_probe_reason():
     assert str(raised.value) == REASON
 
 
-def test_probe_without_pyverbs(monkeypatch):
+def test_probe_without_pyverbs(monkeypatch, tmp_path):
+    (tmp_path / "mlx5_0").mkdir()  # a device is present: the missing binding is the reason
+    monkeypatch.setattr(rdma, "SYSFS_DEVICES", tmp_path)
     for name in [name for name in sys.modules if name.startswith("pyverbs.")] + ["pyverbs"]:
         monkeypatch.setitem(sys.modules, name, None)
     available, reason = probe()
@@ -74,7 +76,8 @@ def _fake_pyverbs(monkeypatch, get_device_list):
 
 
 def test_probe_with_empty_sysfs(monkeypatch, tmp_path):
-    _fake_pyverbs(monkeypatch, lambda: [])
+    # No device: that is the reason, whatever the state of pyverbs.
+    monkeypatch.setattr(rdma, "_load", lambda: pytest.fail("pyverbs must not be needed to see there is no device"))
     monkeypatch.setattr(rdma, "SYSFS_DEVICES", tmp_path)
     assert probe() == (False, f"no RDMA device: {tmp_path} is empty or missing")
     monkeypatch.setattr(rdma, "SYSFS_DEVICES", tmp_path / "missing")
@@ -104,7 +107,10 @@ def test_probe_when_listing_devices_fails_or_finds_none(monkeypatch, tmp_path):
         OSError("libibverbs.so.1: cannot open shared object file"),
     ],
 )
-def test_probe_when_loading_pyverbs_fails_otherwise(monkeypatch, error):
+def test_probe_when_loading_pyverbs_fails_otherwise(monkeypatch, tmp_path, error):
+    (tmp_path / "mlx5_0").mkdir()
+    monkeypatch.setattr(rdma, "SYSFS_DEVICES", tmp_path)
+
     def broken():
         raise error
 

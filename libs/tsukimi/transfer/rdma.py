@@ -138,7 +138,13 @@ def _load() -> SimpleNamespace:
 
 
 def probe() -> tuple[bool, str]:
-    """(available, reason): whether pyverbs imports and lists at least one RDMA device. Never raises."""
+    """(available, reason): whether an RDMA device exists and pyverbs imports and lists it. Never raises."""
+    # NOTE: the device is checked first: without one, whether pyverbs is installed does not matter.
+    try:
+        if not SYSFS_DEVICES.is_dir() or not any(SYSFS_DEVICES.iterdir()):
+            return False, f"no RDMA device: {SYSFS_DEVICES} is empty or missing"
+    except OSError as exc:
+        return False, f"no RDMA device: cannot read {SYSFS_DEVICES}: {exc}"
     try:
         v = _load()
     except ModuleNotFoundError as exc:
@@ -147,8 +153,6 @@ def probe() -> tuple[bool, str]:
         # NOTE: e.g. a pyverbs built against another rdma-core than the system's libibverbs (private ABI).
         return False, f"pyverbs failed to load: {exc!r}"
     try:
-        if not SYSFS_DEVICES.is_dir() or not any(SYSFS_DEVICES.iterdir()):
-            return False, f"no RDMA device: {SYSFS_DEVICES} is empty or missing"
         names = [d.name.decode() for d in v.get_device_list()]
     except Exception as exc:
         return False, f"cannot list RDMA devices: {exc}"
