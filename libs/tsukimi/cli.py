@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     transfer_bench.add_arguments(bench.add_parser("transfer", help="transfer engine throughput between two processes"))
     args = parser.parse_args(argv)
     if args.command == "bench":
-        transfer_bench.print_result(transfer_bench.run(args), args.json)
+        if args.compare:
+            from tsukimi.bench import compare
+
+            compare.print_result(compare.run(args), args.json)
+        else:
+            transfer_bench.print_result(transfer_bench.run(args), args.json)
         return 0
     if args.command in SERVICES:
         return _run_service(args.command)

@@ -7,7 +7,6 @@ The samples come from `mooncake-transfer-engine-non-cuda` 0.3.13.post1 on this p
 from __future__ import annotations
 
 import pytest
-
 from tsukimi.bench import mooncake
 from tsukimi.bench.mooncake import (
     MooncakeUnavailable,
@@ -72,11 +71,17 @@ def test_rpc_port_variants():
         "I1017 11:38:42.199313 1316125 transfer_engine.cpp:146] Transfer Engine RPC using P2P handshake, "
         "listening on :16683"
     ) == ("", 16683)
-    assert parse_rpc_port(
-        "I0227 11:31:26.136366 1021616 transfer_engine_impl.cpp:172] Transfer Engine RPC using P2P handshake, "
-        "listening on 10.99.91.35:15395"
-    ) == 15395
-    assert parse_rpc_endpoint("Transfer Engine RPC using P2P handshake, listening on [::1]:15002") == ("::1", 15002)
+    assert (
+        parse_rpc_port(
+            "I0227 11:31:26.136366 1021616 transfer_engine_impl.cpp:172] Transfer Engine RPC using P2P handshake, "
+            "listening on 10.99.91.35:15395"
+        )
+        == 15395
+    )
+    assert parse_rpc_endpoint("Transfer Engine RPC using P2P handshake, listening on [::1]:15002") == (
+        "::1",
+        15002,
+    )
 
 
 def test_rpc_port_absent_before_the_line_is_logged():
@@ -189,3 +194,48 @@ def test_memcpy_smoke():
     r = measure_memcpy(1 << 20, repeats=3)
     assert r["system"] == "memcpy" and r["size_bytes"] == 1 << 20 and len(r["samples_gb_per_s"]) == 3
     assert r["gb_per_s"] > 0
+
+
+FAKE_BENCH = """\
+#!{python}
+# Stands in for transfer_engine_bench: replays captured log lines and checks the initiator's flags.
+import signal, sys, time
+args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in sys.argv[1:])
+if "version" in args:
+    print("transfer_engine_bench")
+    sys.exit(0)
+if args.get("mode") == "target":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sys.stderr.write({target_log!r})
+    sys.stderr.flush()
+    while True:
+        time.sleep(1)
+if args.get("segment_id") != "127.0.0.1:16171":
+    sys.stderr.write({wrong!r})
+    sys.exit(1)
+assert args["operation"] == "read" and args["block_size"] == "65536" and args["report_unit"] == "GB", args
+sys.stderr.write({result!r} + "\\n")
+"""
+
+
+def test_run_against_a_fake_bench_uses_the_logged_rpc_port(monkeypatch, tmp_path):
+    import sys
+
+    fake = tmp_path / "transfer_engine_bench"
+    fake.write_text(
+        FAKE_BENCH.format(
+            python=sys.executable,
+            target_log=TARGET_LOG,
+            wrong=INITIATOR_WRONG_SEGMENT,
+            result=INITIATOR_RESULT_PRECISE,
+        )
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv(mooncake.ENV_BINARY, str(fake))
+    r = mooncake.run_mooncake_bench(op="read", block_size=65536, duration_s=1, settle_s=0)
+    assert r["system"] == "mooncake" and r["transport"] == "tcp" and r["op"] == "read"
+    assert (r["block_size"], r["batch_size"], r["threads"]) == (65536, 32, 2)
+    assert r["segment_id"] == "127.0.0.1:16171"
+    assert r["gb_per_s"] == pytest.approx(0.4102)
+    assert r["duration_s"] == 3.01
+    assert r["raw"] == INITIATOR_RESULT_PRECISE

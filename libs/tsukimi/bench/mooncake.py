@@ -116,7 +116,7 @@ def target_buffers_started(log_text: str) -> bool:
 
 def to_gb_per_s(value: float, unit: str) -> float:
     """A rate printed by the bench in `unit`/s (e.g. "GB", "MiB", "Gb") as GB/s of 1e9 bytes/s."""
-    unit = unit[:-2] if unit.endswith("/s") else unit
+    unit = unit.removesuffix("/s")
     if unit not in RATE_UNITS:
         raise ValueError(f"unknown transfer_engine_bench rate unit {unit!r}")
     return value * RATE_UNITS[unit] / 1e9
@@ -188,7 +188,12 @@ def check_binary(path: Path) -> None:
             raise MooncakeUnavailable(f"{path} is not executable: {exc}") from exc
     try:
         proc = subprocess.run(
-            [str(path), "--version"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL
+            [str(path), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
         )
     except OSError as exc:
         raise MooncakeUnavailable(f"cannot execute {path}: {exc}") from exc
@@ -386,31 +391,36 @@ def main(argv: list[str] | None = None) -> int:
         "--duration", type=int, default=5, help="seconds (an integer: the bench sleeps that long)"
     )
     parser.add_argument("--buffer-size", type=int, default=1 << 30)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--repeat", type=int, default=1, help="runs, one result (JSON line) each")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     args = parser.parse_args(argv)
-    try:
-        result = run_mooncake_bench(
-            op=args.op,
-            block_size=args.block_size,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            duration_s=args.duration,
-            buffer_size=args.buffer_size,
-        )
-    except MooncakeUnavailable as exc:
-        print(f"mooncake unavailable: {exc.reason}", file=sys.stderr)
-        return 2
-    except MooncakeBenchError as exc:
-        print(f"mooncake bench failed: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"mooncake tcp {result['op']} block {result['block_size']} batch {result['batch_size']} "
-            f"threads {result['threads']}: {result['gb_per_s']:.3f} GB/s over {result['duration_s']} s"
-        )
-        print(f"  {result['raw']}")
+    # SIGTERM -> SystemExit so run_mooncake_bench's cleanup stops both bench processes (they run in
+    # their own sessions, so neither a terminal's Ctrl-C nor a kill of this process reaches them).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for _ in range(max(1, args.repeat)):
+        try:
+            result = run_mooncake_bench(
+                op=args.op,
+                block_size=args.block_size,
+                batch_size=args.batch_size,
+                threads=args.threads,
+                duration_s=args.duration,
+                buffer_size=args.buffer_size,
+            )
+        except MooncakeUnavailable as exc:
+            print(f"mooncake unavailable: {exc.reason}", file=sys.stderr)
+            return 2
+        except MooncakeBenchError as exc:
+            print(f"mooncake bench failed: {exc}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(
+                f"mooncake tcp {result['op']} block {result['block_size']} batch {result['batch_size']} "
+                f"threads {result['threads']}: {result['gb_per_s']:.3f} GB/s over {result['duration_s']} s"
+            )
+            print(f"  {result['raw']}", flush=True)
     return 0
 
 

@@ -31,8 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="concurrent submitters")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of measurement")
     parser.add_argument("--connections", type=int, default=4, help="tcp connections per peer")
+    parser.add_argument("--window", type=int, default=8, help="tcp requests in flight per connection")
     parser.add_argument("--nats-url", default=None, help="metadata service (default: an embedded NATS)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--compare", action="store_true",
+                        help="also run Mooncake's tcp bench and memcpy, interleaved, and print medians and ratios")
+    parser.add_argument("--rounds", type=int, default=3, help="with --compare: rounds of every measurement")
 
 
 def _buffer_bytes(args) -> int:
@@ -63,7 +67,7 @@ async def _initiator(args, secret: bytes) -> dict:
 
     nc = await nats.connect(args.nats_url)
     engine = TransferEngine("bench-initiator", secret, NatsMetadataStore(nc), force_transport=args.transport,
-                            num_connections=args.connections)
+                            num_connections=args.connections, window=args.window)
     await engine.start()
     size = _buffer_bytes(args)
     local = np.full(size, 3, dtype=np.uint8)
@@ -104,7 +108,7 @@ async def _initiator(args, secret: bytes) -> dict:
     ordered = sorted(latencies) or [0.0]
     return {
         "system": "tsukimi", "transport": args.transport, "op": args.op, "block_size": args.block_size,
-        "batch_size": args.batch_size, "threads": args.threads, "connections": args.connections,
+        "batch_size": args.batch_size, "threads": args.threads, "connections": args.connections, "window": args.window,
         "duration_s": round(elapsed, 3), "gb_per_s": round(num_bytes / elapsed / 1e9, 3),
         "requests_per_s": round(len(latencies) / elapsed, 1), "failed": num_failed,
         "p50_latency_ms": round(statistics.median(ordered) * 1e3, 3),

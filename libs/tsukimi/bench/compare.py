@@ -1,0 +1,80 @@
+"""`tsukimi bench transfer --compare`: tsukimi's engine beside Mooncake's own TCP bench and memcpy, interleaved in
+one run over several rounds (these machines are noisy: only figures taken side by side compare)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+
+import numpy as np
+
+from tsukimi.bench import transfer
+from tsukimi.bench.memcpy import measure_memcpy
+from tsukimi.bench.mooncake import MooncakeUnavailable, run_mooncake_bench
+
+
+def memcpy_in_blocks(block_size: int, total: int = 256 << 20, repeats: int = 5) -> float:
+    """GB/s of single-thread copies of `block_size` pieces between two pre-faulted buffers."""
+    src = np.ones(total, dtype=np.uint8)
+    dst = np.zeros(total, dtype=np.uint8)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for offset in range(0, total, block_size):
+            np.copyto(dst[offset:offset + block_size], src[offset:offset + block_size])
+        times.append(time.perf_counter() - started)
+    return total / statistics.median(times) / 1e9
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Rounds of: memcpy, then per op Mooncake tcp, tsukimi tcp, tsukimi shm. Returns medians and ratios."""
+    samples: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        samples.setdefault(key, []).append(value)
+
+    mooncake_error = ""
+    for _ in range(args.rounds):
+        add("memcpy_1gib", measure_memcpy(1 << 30, repeats=3)["gb_per_s"])
+        add("memcpy_blocks", memcpy_in_blocks(args.block_size))
+        for op in ("write", "read"):
+            if not mooncake_error:
+                try:
+                    result = run_mooncake_bench(op=op, block_size=args.block_size, batch_size=args.batch_size,
+                                                threads=args.threads, duration_s=max(1, round(args.duration)))
+                    add(f"mooncake_tcp_{op}", result["gb_per_s"])
+                except MooncakeUnavailable as exc:
+                    mooncake_error = str(exc)
+            for transport in ("tcp", "shm"):
+                run_args = copy.copy(args)
+                run_args.transport, run_args.op = transport, op
+                add(f"tsukimi_{transport}_{op}", transfer.run(run_args)["gb_per_s"])
+    medians = {key: round(statistics.median(values), 3) for key, values in samples.items()}
+    ratios = {}
+    for op in ("write", "read"):
+        if f"mooncake_tcp_{op}" in medians:
+            ratios[f"tcp_{op}_vs_mooncake_tcp"] = round(medians[f"tsukimi_tcp_{op}"] / medians[f"mooncake_tcp_{op}"], 2)
+        ratios[f"shm_{op}_vs_memcpy_1gib"] = round(medians[f"tsukimi_shm_{op}"] / medians["memcpy_1gib"], 2)
+    return {
+        "block_size": args.block_size, "batch_size": args.batch_size, "threads": args.threads,
+        "duration_s": args.duration, "rounds": args.rounds, "gb_per_s_median": medians,
+        "gb_per_s_samples": {k: [round(v, 3) for v in vs] for k, vs in samples.items()}, "ratios": ratios,
+        "mooncake_unavailable": mooncake_error,
+    }
+
+
+def print_result(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(f"block {result['block_size']} B, batch {result['batch_size']}, {result['threads']} threads, "
+          f"{result['rounds']} rounds (GB/s = 1e9 B/s; median [samples])")
+    for key, value in result["gb_per_s_median"].items():
+        print(f"  {key:<22} {value:7.3f}  {result['gb_per_s_samples'][key]}")
+    for key, value in result["ratios"].items():
+        print(f"  {key:<30} {value:.2f}x")
+    if result["mooncake_unavailable"]:
+        print(f"  mooncake: {result['mooncake_unavailable']} (scripts/install-mooncake-bench.sh installs it)")
