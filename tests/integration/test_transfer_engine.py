@@ -146,6 +146,19 @@ async def test_bounds_unknown_buffers_and_read_only_are_refused(nc, target, tran
         await engine.close()
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+async def test_notification_arrives_after_the_data(nc, target, transport):
+    engine = await initiator(nc, transport)
+    local = engine.register(np.full(16, 42, dtype=np.uint8))
+    try:
+        await engine.write(local, 0, target.segment, target.info["shared"], 0, 16)
+        await engine.notify(target.segment, b"kv ready: r1")
+        line = await asyncio.to_thread(target.process.stdout.readline)
+        assert json.loads(line) == {"notified": b"kv ready: r1".hex(), "first_byte": 42}
+    finally:
+        await engine.close()
+
+
 async def test_shm_never_falls_back_silently(nc, target):
     engine = await initiator(nc, "shm")
     local = engine.register(np.zeros(1024, dtype=np.uint8))

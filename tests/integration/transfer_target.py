@@ -24,6 +24,9 @@ def read_only_pattern() -> bytes:
 async def main(url: str, segment: str, secret: bytes) -> None:
     nc = await nats.connect(url)
     engine = TransferEngine(segment, secret, NatsMetadataStore(nc, ttl_s=2.0), heartbeat_s=0.5, timeout_s=3.0)
+    # Notifications are echoed on stdout so the test can see them arrive (after the data).
+    engine.on_notify = lambda payload: print(json.dumps({"notified": payload.hex(),
+                                                         "first_byte": shared.view[0]}), flush=True)
     await engine.start()
     shared = engine.allocate(SIZE)
     private = engine.register(bytearray(SIZE))

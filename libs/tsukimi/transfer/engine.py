@@ -349,13 +349,17 @@ class TransferEngine:
     def _dispatch(self, batch: Batch, peer: _Peer, transport: str, buffer_id: int, indices: list[int]) -> None:
         slices = []
         size = self._shm_slice_bytes if transport == "shm" else self._slice_bytes
+        num_bytes = {Op.READ: 0, Op.WRITE: 0}
         for index in indices:
             request = batch.requests[index]
             local = request.local.view[request.local_offset:request.local_offset + request.length]
             pieces = cut(batch, index, local, size)
             batch.start(index, len(pieces), transport)
-            BYTES.labels(transport, request.op.name).inc(request.length)
+            num_bytes[request.op] += request.length
             slices.extend(pieces)
+        for op, n in num_bytes.items():
+            if n:
+                BYTES.labels(transport, op.name).inc(n)
         if transport == "shm":
             peer.shm.submit(peer.descriptor.buffer(buffer_id), slices)
         else:
@@ -413,10 +417,14 @@ class TransferEngine:
         statuses = batch.snapshot()
         BATCH_SECONDS.observe(time.monotonic() - batch.submitted_at)
         failed_segments = set()
+        outcomes: dict[tuple[str, str], int] = {}
         for request, st in zip(batch.requests, statuses):
-            REQUESTS.labels(st.transport or "none", st.status.value).inc()
+            key = (st.transport or "none", st.status.value)
+            outcomes[key] = outcomes.get(key, 0) + 1
             if st.status != Status.COMPLETED:
                 failed_segments.add(request.segment)
+        for (transport, status), n in outcomes.items():
+            REQUESTS.labels(transport, status).inc(n)
         for segment in failed_segments:
             # NOTE: the peer may have restarted elsewhere; re-resolve it on next use.
             self._drop_peer(segment)

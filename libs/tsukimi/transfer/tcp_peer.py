@@ -63,7 +63,7 @@ class TcpPeer:
         try:
             wire.tune(sock)
             wire.client_handshake(sock, self._secret)
-            sock.settimeout(self._timeout_s)
+            wire.set_kernel_timeout(sock, self._timeout_s)
         except BaseException:
             sock.close()
             raise
@@ -89,25 +89,27 @@ class TcpPeer:
                 if sock is None:
                     sock = self._connect()
                 self._exchange(sock, group)
-            except socket.timeout:
+            except OSError as exc:
                 self._close(sock)
                 sock = None
+                if not wire.is_timeout(exc):
+                    self._retry_or_fail(group, exc)
+                    continue
                 for piece in group:
                     if not piece.is_finished:
                         piece.done(f"peer {self.address[0]}:{self.address[1]} did not answer within "
                                    f"{self._timeout_s}s", Status.TIMEOUT)
-            except (OSError, ConnectionError) as exc:
-                self._close(sock)
-                sock = None
-                for piece in group:
-                    if piece.is_finished:
-                        continue
-                    piece.attempts += 1
-                    if piece.attempts < 2 and not self._closed:
-                        self._queue.put(piece)  # NOTE: retried once, on whichever connection takes it next.
-                    else:
-                        piece.done(f"transfer to {self.address[0]}:{self.address[1]} failed: {exc}")
         self._close(sock)
+
+    def _retry_or_fail(self, group: list[Slice], exc: BaseException) -> None:
+        for piece in group:
+            if piece.is_finished:
+                continue
+            piece.attempts += 1
+            if piece.attempts < 2 and not self._closed:
+                self._queue.put(piece)  # NOTE: retried once, on whichever connection takes it next.
+            else:
+                piece.done(f"transfer to {self.address[0]}:{self.address[1]} failed: {exc}")
 
     @staticmethod
     def _close(sock: socket.socket | None) -> None:

@@ -78,7 +78,7 @@ class TcpServer:
                 self.num_auth_failures += 1
                 log.warning("refused a transfer peer: %s", exc)
                 return
-            conn.settimeout(self._idle_timeout_s)
+            wire.set_kernel_timeout(conn, self._idle_timeout_s)
             scratch = bytearray(1 << 20)
             while True:
                 header = bytearray(wire.REQUEST.size)

@@ -50,10 +50,14 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fills `view` from the socket; ConnectionError when the peer closes first."""
+    """Fills `view` from the socket; ConnectionError when the peer closes first.
+
+    On a blocking socket MSG_WAITALL makes the kernel fill the whole view in one call (one wake-up per slice
+    instead of one per arriving chunk); the loop only covers signals and timeouts.
+    """
     received, n = 0, len(view)
     while received < n:
-        got = sock.recv_into(view[received:], n - received)
+        got = sock.recv_into(view[received:], n - received, socket.MSG_WAITALL)
         if got == 0:
             raise ConnectionError(f"peer closed after {received} of {n} bytes")
         received += got
@@ -95,6 +99,25 @@ def send_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
             sock.sendall(header[sent:])
             sent = len(header)
         sock.sendall(payload[sent - len(header):])
+
+
+def set_kernel_timeout(sock: socket.socket, timeout_s: float | None) -> None:
+    """Blocking socket whose sends and receives fail with EAGAIN after `timeout_s` (None: never).
+
+    NOTE: Python's own socket timeouts put the descriptor in non-blocking mode, where MSG_WAITALL cannot wait;
+    kernel timeouts keep it blocking.
+    """
+    sock.settimeout(None)
+    seconds = int(timeout_s or 0)
+    micros = int(((timeout_s or 0) - seconds) * 1e6)
+    value = struct.pack("ll", seconds, micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """True for a socket timeout, Python's or the kernel's (EAGAIN on a blocking socket)."""
+    return isinstance(exc, (socket.timeout, BlockingIOError)) or getattr(exc, "errno", None) in (11,)
 
 
 def tune(sock: socket.socket) -> None:
