@@ -121,15 +121,22 @@ class TcpPeer:
 
     def _exchange(self, sock: socket.socket, group: list[Slice]) -> None:
         seqs = []
+        # NOTE: READ headers are small; they leave together in one system call, after any WRITE payloads.
+        read_headers = []
         for piece in group:
             self._seq += 1
             seqs.append(self._seq)
             op = wire.OP_WRITE if piece.op == Op.WRITE else wire.OP_READ
             header = wire.REQUEST.pack(op, piece.buffer_id, self._seq, piece.target_offset, piece.length)
             if op == wire.OP_WRITE:
+                if read_headers:
+                    sock.sendall(b"".join(read_headers))
+                    read_headers.clear()
                 wire.send_all(sock, header, piece.local)
             else:
-                sock.sendall(header)
+                read_headers.append(header)
+        if read_headers:
+            sock.sendall(b"".join(read_headers))
         for seq, piece in zip(seqs, group):
             got_seq, status, n = wire.RESPONSE.unpack(wire.recv_exact(sock, wire.RESPONSE.size))
             message = wire.recv_exact(sock, n).decode(errors="replace") if n else ""

@@ -121,9 +121,6 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 def tune(sock: socket.socket) -> None:
+    """No Nagle delay. NOTE: buffer sizes are left to the kernel: setting SO_SNDBUF/SO_RCVBUF turns off its
+    autotuning (which grows further than the settable maximum) and measured no faster here."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
