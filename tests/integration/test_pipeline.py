@@ -59,7 +59,12 @@ async def cluster(nats_url, model, tmp_path):
         await asyncio.sleep(0.05)
     yield nc, conductor, prefill, decoder
     stop.set()
-    await asyncio.gather(*tasks)
+    done, pending = await asyncio.wait(tasks, timeout=30)
+    for task in pending:
+        task.print_stack()
+    assert not pending, "a service did not shut down within 30 s"
+    for task in done:
+        task.result()
     await nc.close()
 
 

@@ -21,7 +21,7 @@ from tsukimi.transfer.batch import Op, Status, TransferRequest
 from tsukimi.transfer.engine import TransferEngine, TransferError
 from tsukimi.transfer.metadata import NatsMetadataStore
 
-from .transfer_target import SIZE, read_only_pattern
+from .transfer_target import BUCKET, SIZE, read_only_pattern
 
 SECRET = os.urandom(32)
 TARGET = os.path.join(os.path.dirname(__file__), "transfer_target.py")
@@ -55,7 +55,7 @@ async def nc(nats_url):
 
 
 async def initiator(nc, transport: str, secret: bytes = SECRET, timeout_s: float = 3.0) -> TransferEngine:
-    engine = TransferEngine("init-" + uuid.uuid4().hex[:8], secret, NatsMetadataStore(nc, ttl_s=2.0),
+    engine = TransferEngine("init-" + uuid.uuid4().hex[:8], secret, NatsMetadataStore(nc, ttl_s=2.0, bucket=BUCKET),
                             force_transport=transport, timeout_s=timeout_s, slice_bytes=256 << 10)
     return await engine.start()
 
@@ -228,7 +228,7 @@ async def test_target_killed_mid_transfer_fails_in_time_and_descriptor_expires(n
         assert all(st.status.is_final for st in statuses)
         # Its descriptor expires with the metadata TTL (2 s here).
         deadline = time.monotonic() + 8
-        while await NatsMetadataStore(nc, ttl_s=2.0).get(target.segment) is not None:
+        while await NatsMetadataStore(nc, ttl_s=2.0, bucket=BUCKET).get(target.segment) is not None:
             assert time.monotonic() < deadline, "descriptor outlived its process"
             await asyncio.sleep(0.25)
         with pytest.raises(TransferError, match="not published"):
@@ -250,4 +250,20 @@ async def test_shm_refuses_a_dead_target(nc, nats_url):
             await engine.write(local, 0, target.segment, target.info["shared"], 0, 4096)
     finally:
         target.stop()
+        await engine.close()
+
+
+async def test_metadata_store_refreshes_on_the_buckets_own_ttl(nc):
+    bucket = "ttl_" + uuid.uuid4().hex[:8]
+    first = await NatsMetadataStore(nc, ttl_s=2.0, bucket=bucket).open()
+    later = await NatsMetadataStore(nc, ttl_s=30.0, bucket=bucket).open()
+    assert first.ttl_s == pytest.approx(2.0) and later.ttl_s == pytest.approx(2.0)
+    engine = TransferEngine("ttl-" + uuid.uuid4().hex[:8], SECRET, later, heartbeat_s=60)
+    await engine.start()
+    try:
+        # Refreshed every TTL/3 whatever was asked, so the descriptor never lapses while the engine lives.
+        for _ in range(4):
+            await asyncio.sleep(1.0)
+            assert await later.get(engine.segment_name) is not None
+    finally:
         await engine.close()

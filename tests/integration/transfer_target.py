@@ -15,6 +15,8 @@ from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 
 SIZE = 8 << 20
+# A bucket of these tests' own, so its 2 s TTL is not the one another test created the shared bucket with.
+BUCKET = "tsukimi_test_segments"
 
 
 def read_only_pattern() -> bytes:
@@ -23,7 +25,7 @@ def read_only_pattern() -> bytes:
 
 async def main(url: str, segment: str, secret: bytes) -> None:
     nc = await nats.connect(url)
-    engine = TransferEngine(segment, secret, NatsMetadataStore(nc, ttl_s=2.0), heartbeat_s=0.5, timeout_s=3.0)
+    engine = TransferEngine(segment, secret, NatsMetadataStore(nc, ttl_s=2.0, bucket=BUCKET), heartbeat_s=0.5, timeout_s=3.0)
     # Notifications are echoed on stdout so the test can see them arrive (after the data).
     engine.on_notify = lambda payload: print(json.dumps({"notified": payload.hex(),
                                                          "first_byte": shared.view[0]}), flush=True)

@@ -23,6 +23,8 @@ from tsukimi.transfer.batch import Batch, Op, RequestStatus, Status, TransferReq
 from tsukimi.transfer.descriptor import BufferDescriptor, SegmentDescriptor, local_host_id
 from tsukimi.transfer.memory import SharedRegion, as_byte_view, sweep_orphans
 from tsukimi.transfer.metadata import MetadataStore
+from tsukimi.transfer.rdma import MemoryRegion, RdmaError, RdmaUnavailable
+from tsukimi.transfer.rdma_peer import RdmaHost, RdmaPeer
 from tsukimi.transfer.shm_peer import ShmPeer
 from tsukimi.transfer.tcp_peer import TcpPeer
 from tsukimi.transfer.tcp_server import TcpServer
@@ -30,6 +32,8 @@ from tsukimi.transfer.tcp_server import TcpServer
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("shm", "tcp", "rdma")
+# Seconds a metadata-store call may take.
+METADATA_TIMEOUT_S = 3.0
 
 BYTES = Counter("tsukimi_transfer_bytes_total", "Bytes moved by the transfer engine", ["transport", "op"])
 REQUESTS = Counter("tsukimi_transfer_requests_total", "Transfer requests by outcome", ["transport", "status"])
@@ -51,6 +55,8 @@ class LocalBuffer:
     is_writable: bool
     # Set when the engine allocated it in shared memory (peers on this host map it).
     region: SharedRegion | None = None
+    # Its RDMA registration, when the engine offers rdma (and the memory could be registered).
+    mr: MemoryRegion | None = None
 
     @property
     def length(self) -> int:
@@ -62,6 +68,7 @@ class _Peer:
     descriptor: SegmentDescriptor
     tcp: TcpPeer | None = None
     shm: ShmPeer | None = None
+    rdma: RdmaPeer | None = None
     logged: set | None = None
     # Transport chosen per buffer id: (transport, "") or ("", why none).
     choices: dict | None = None
@@ -97,7 +104,14 @@ class TransferEngine:
         self._metadata = metadata
         self._host = host
         self._port = port
-        self._transports = tuple(t for t in transports if t != "rdma" or self._rdma_available())
+        if force_transport == "rdma" and "rdma" not in transports:
+            transports = (*transports, "rdma")  # NOTE: forcing rdma opts in to it.
+        # This engine's RDMA device when it offers rdma, else why not.
+        self._rdma: RdmaHost | None = None
+        self._rdma_problem = "this engine does not offer it"
+        if "rdma" in transports:
+            self._open_rdma()
+        self._transports = tuple(t for t in transports if t != "rdma" or self._rdma is not None)
         self.force_transport = force_transport
         self._num_connections = num_connections
         self._window = window
@@ -113,18 +127,17 @@ class TransferEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="transfer-shm")
         self._server: TcpServer | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._closing = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Called on this engine's event loop with each notification's payload.
         self.on_notify: Callable[[bytes], Awaitable[None] | None] | None = None
 
-    @staticmethod
-    def _rdma_available() -> bool:
-        from tsukimi.transfer import rdma
-
-        ok, reason = rdma.probe()
-        if not ok:
-            log.info("rdma transport unavailable: %s", reason)
-        return ok
+    def _open_rdma(self) -> None:
+        try:
+            self._rdma = RdmaHost(self._rdma_regions)
+        except (RdmaUnavailable, RdmaError) as exc:
+            self._rdma_problem = f"unavailable here: {exc}"
+            log.info("rdma transport unavailable: %s", exc)
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
 
@@ -133,9 +146,14 @@ class TransferEngine:
         self._loop = asyncio.get_running_loop()
         for name in sweep_orphans():
             log.info("removed shared memory %s left by a dead process", name)
-        self._server = TcpServer(self._lookup, self._secret, self._notified, self._host, self._port).start()
+        rdma = self._rdma
+        if hasattr(self._metadata, "open"):
+            await self._metadata.open()
+        self._server = TcpServer(self._lookup, self._secret, self._notified, self._host, self._port,
+                                 rdma_accept=rdma.accept if rdma else None,
+                                 rdma_regions=rdma.regions_reply if rdma else None).start()
         await self.publish()
-        interval = self._heartbeat_s or getattr(self._metadata, "ttl_s", 10.0) / 3
+        interval = min(self._heartbeat_s or float("inf"), getattr(self._metadata, "ttl_s", 10.0) / 3)
         self._heartbeat = asyncio.create_task(self._republish(interval))
         log.info("transfer engine %s on %s (transports: %s%s)", self.segment_name, self._server.address,
                  ", ".join(self._transports), f"; forced {self.force_transport}" if self.force_transport else "")
@@ -143,28 +161,36 @@ class TransferEngine:
 
     async def close(self) -> None:
         """Withdraws the descriptor, stops serving, frees shared memory."""
+        self._closing.set()
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            try:
-                await self._heartbeat
-            except asyncio.CancelledError:
-                pass
+            # NOTE: stopped by the event, not by cancellation: nats-py can turn a cancellation inside a request
+            # into a timeout error, which the refresh loop would survive.
+            done, _ = await asyncio.wait([self._heartbeat], timeout=METADATA_TIMEOUT_S + 1)
+            if not done:
+                self._heartbeat.cancel()
         try:
-            await self._metadata.delete(self.segment_name)
+            await asyncio.wait_for(self._metadata.delete(self.segment_name), METADATA_TIMEOUT_S)
         except Exception as exc:
-            log.warning("could not withdraw descriptor: %s", exc)
+            log.warning("could not withdraw descriptor (it expires with its TTL): %r", exc)
         if self._server is not None:
-            self._server.close()
+            await asyncio.to_thread(self._server.close)
         for peer in self._peers.values():
             if peer.tcp:
                 peer.tcp.close()
             if peer.shm:
                 peer.shm.forget()
+            if peer.rdma:
+                peer.rdma.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         for buffer in self._buffers.values():
+            if buffer.mr is not None:
+                self._rdma.deregister(buffer.mr)
             if buffer.region is not None:
                 buffer.region.close()
         self._buffers.clear()
+        if self._rdma is not None:
+            # NOTE: transfers still in flight then fail ("device is closed"); peers' QPs here are destroyed.
+            self._rdma.close()
 
     async def __aenter__(self) -> "TransferEngine":
         return await self.start()
@@ -180,7 +206,8 @@ class TransferEngine:
     def descriptor(self) -> SegmentDescriptor:
         return SegmentDescriptor(
             name=self.segment_name, host_id=local_host_id(), pid=os.getpid(), tcp_address=self.address,
-            transports=list(self._transports), published_at=time.time(), generation=self._generation,
+            transports=list(self._transports), rdma_device=self._rdma.name if self._rdma else "",
+            published_at=time.time(), generation=self._generation,
             buffers=[BufferDescriptor(b.buffer_id, b.length, b.is_writable, b.region.name if b.region else "")
                      for b in self._buffers.values()],
         )
@@ -190,12 +217,16 @@ class TransferEngine:
         await self._metadata.put(self.descriptor())
 
     async def _republish(self, interval_s: float) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        while not self._closing.is_set():
             try:
-                await self.publish()
+                await asyncio.wait_for(self._closing.wait(), interval_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await asyncio.wait_for(self.publish(), METADATA_TIMEOUT_S)
             except Exception as exc:  # NOTE: a missed heartbeat must not stop the next ones.
-                log.warning("descriptor heartbeat failed: %s", exc)
+                log.warning("descriptor heartbeat failed: %r", exc)
 
     # ---- memory ------------------------------------------------------------------------------------------
 
@@ -214,6 +245,12 @@ class TransferEngine:
     def _add(self, buffer: LocalBuffer) -> LocalBuffer:
         buffer.buffer_id = self._next_buffer_id
         self._next_buffer_id += 1
+        if self._rdma is not None:
+            try:
+                buffer.mr = self._rdma.register(buffer.view, buffer.is_writable)
+            except (ValueError, RdmaError) as exc:
+                # NOTE: e.g. read-only memory (bytes): it stays reachable over shm/tcp, rdma refuses it.
+                log.warning("buffer %d is not registered for rdma: %s", buffer.buffer_id, exc)
         self._buffers[buffer.buffer_id] = buffer
         self._generation += 1
         return buffer
@@ -222,12 +259,18 @@ class TransferEngine:
         """Withdraws a buffer; later requests for it are refused."""
         if self._buffers.pop(buffer.buffer_id, None) is not None:
             self._generation += 1
+            if buffer.mr is not None:
+                self._rdma.deregister(buffer.mr)
             if buffer.region is not None:
                 buffer.region.close()
 
     def _lookup(self, buffer_id: int) -> tuple[memoryview, bool] | None:
         buffer = self._buffers.get(buffer_id)
         return (buffer.view, buffer.is_writable) if buffer else None
+
+    def _rdma_regions(self) -> list[tuple[int, MemoryRegion, bool]]:
+        # NOTE: called from the TCP server's threads; list() copies the values in one step under the GIL.
+        return [(b.buffer_id, b.mr, b.is_writable) for b in list(self._buffers.values()) if b.mr is not None]
 
     # ---- peers -------------------------------------------------------------------------------------------
 
@@ -236,7 +279,10 @@ class TransferEngine:
         peer = self._peers.get(name)
         if peer is not None and not refresh:
             return peer.descriptor
-        descriptor = await self._metadata.get(name)
+        try:
+            descriptor = await asyncio.wait_for(self._metadata.get(name), METADATA_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise TransferError(f"metadata store did not answer for segment {name!r}") from None
         if descriptor is None:
             raise TransferError(f"segment {name!r} is not published (unknown, or its process died)")
         if peer is not None and (peer.descriptor.tcp_address != descriptor.tcp_address
@@ -258,6 +304,8 @@ class TransferEngine:
                 peer.tcp.close()
             if peer.shm:
                 peer.shm.forget()
+            if peer.rdma:
+                peer.rdma.close()
 
     def _choose(self, peer: _Peer, buffer: BufferDescriptor) -> tuple[str, str]:
         """(transport, "") for a request to `buffer` of `peer`, or ("", why none can carry it); cached."""
@@ -286,8 +334,15 @@ class TransferEngine:
                     reasons.append(f"shm: {problem}")
                     continue
             elif transport == "rdma":
-                reasons.append("rdma: not wired into the engine's data path yet")
-                continue
+                if self._rdma is None:
+                    reasons.append(f"rdma: {self._rdma_problem}")
+                    continue
+                if "rdma" not in d.transports:
+                    reasons.append("rdma: peer does not offer it")
+                    continue
+                if same_host and not self.force_transport:
+                    reasons.append("rdma: peer is on this host")
+                    continue
             elif transport == "tcp" and "tcp" not in d.transports:
                 reasons.append("tcp: peer does not offer it")
                 continue
@@ -349,6 +404,8 @@ class TransferEngine:
     def _dispatch(self, batch: Batch, peer: _Peer, transport: str, buffer_id: int, indices: list[int]) -> None:
         slices = []
         size = self._shm_slice_bytes if transport == "shm" else self._slice_bytes
+        if transport == "rdma":
+            size = min(size, self._rdma.max_message_size)
         num_bytes = {Op.READ: 0, Op.WRITE: 0}
         for index in indices:
             request = batch.requests[index]
@@ -362,6 +419,10 @@ class TransferEngine:
                 BYTES.labels(transport, op.name).inc(n)
         if transport == "shm":
             peer.shm.submit(peer.descriptor.buffer(buffer_id), slices)
+        elif transport == "rdma":
+            if peer.rdma is None:
+                peer.rdma = RdmaPeer(self._rdma, peer.descriptor.tcp_address, self._secret, self.timeout_s)
+            peer.rdma.submit(peer.descriptor.buffer(buffer_id), slices)
         else:
             if peer.tcp is None:
                 peer.tcp = TcpPeer(peer.descriptor.tcp_address, self._secret, self._num_connections, self._window,

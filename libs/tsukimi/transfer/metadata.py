@@ -5,6 +5,7 @@ A live engine re-publishes its descriptor every TTL/3; a dead one's descriptor e
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Protocol
 
@@ -13,6 +14,8 @@ from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from tsukimi.transfer.descriptor import SegmentDescriptor
+
+log = logging.getLogger(__name__)
 
 BUCKET = "tsukimi_segments"
 _KEY_OK = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
@@ -43,10 +46,22 @@ class NatsMetadataStore:
         if self._kv is None:
             js = self._nc.jetstream()
             try:
-                self._kv = await js.key_value(self._bucket_name)
+                kv = await js.key_value(self._bucket_name)
             except BucketNotFoundError:
-                self._kv = await js.create_key_value(bucket=self._bucket_name, ttl=self.ttl_s, history=1)
+                kv = await js.create_key_value(bucket=self._bucket_name, ttl=self.ttl_s, history=1)
+            # NOTE: a bucket's TTL is fixed by whoever created it; refresh on the TTL it really has.
+            actual = (await kv.status()).ttl
+            if actual and abs(actual - self.ttl_s) > 1e-3:
+                log.warning("segment bucket %s keeps entries %.1fs, not the configured %.1fs: using %.1fs",
+                            self._bucket_name, actual, self.ttl_s, actual)
+                self.ttl_s = actual
+            self._kv = kv
         return self._kv
+
+    async def open(self) -> "NatsMetadataStore":
+        """Opens (or creates) the bucket now, so `ttl_s` is the bucket's own."""
+        await self._bucket()
+        return self
 
     async def put(self, descriptor: SegmentDescriptor) -> None:
         await (await self._bucket()).put(_key(descriptor.name), msgspec.msgpack.encode(descriptor))

@@ -1,4 +1,5 @@
-"""The target side of the TCP transport: serves READ, WRITE and NOTIFY straight from/into registered memory.
+"""The target side of the TCP transport: serves READ, WRITE and NOTIFY straight from/into registered memory,
+and the control requests of the RDMA transport.
 
 One thread per connection (socket calls release the GIL, so connections run in parallel); payloads are
 received directly into the registered buffer, never staged.
@@ -18,14 +19,23 @@ log = logging.getLogger(__name__)
 
 # Resolves a buffer id to (byte view, is_writable), or None.
 Lookup = Callable[[int], tuple[memoryview, bool] | None]
+# Accepts a peer's RDMA queue pair (its msgpack QpInfo): (reply, function closing our QP).
+RdmaAccept = Callable[[bytes], tuple[bytes, Callable[[], None]]]
 
 
 class TcpServer:
     """Accepts authenticated peers and applies their requests to this process's registered buffers."""
 
     def __init__(self, lookup: Lookup, secret: bytes, on_notify: Callable[[bytes], None], host: str, port: int,
-                 handshake_timeout_s: float = 5.0, idle_timeout_s: float | None = None):
+                 handshake_timeout_s: float = 5.0, idle_timeout_s: float | None = None,
+                 rdma_accept: RdmaAccept | None = None, rdma_regions: Callable[[], bytes] | None = None):
+        """`rdma_accept` and `rdma_regions` serve RDMA_CONNECT and RDMA_REGIONS (see wire.py) when this engine
+        offers rdma; without them those requests are refused."""
         self._lookup = lookup
+        self._rdma_accept = rdma_accept
+        self._rdma_regions = rdma_regions
+        # Per connection: closers of the RDMA queue pairs it made, called when it ends.
+        self._rdma_closers: dict[socket.socket, list[Callable[[], None]]] = {}
         self._secret = secret
         self._on_notify = on_notify
         self._handshake_timeout_s = handshake_timeout_s
@@ -94,6 +104,12 @@ class TcpServer:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                closers = self._rdma_closers.pop(conn, ())
+            for closer in closers:
+                try:
+                    closer()
+                except Exception as exc:
+                    log.warning("closing an rdma queue pair failed: %s", exc)
             conn.close()
 
     def _handle(self, conn, scratch: bytearray, op: int, buffer_id: int, seq: int, offset: int, length: int) -> None:
@@ -121,8 +137,31 @@ class TcpServer:
             else:
                 self._reply(conn, seq, status, message)
             return
+        if op in (wire.OP_RDMA_CONNECT, wire.OP_RDMA_REGIONS):
+            return self._handle_rdma(conn, scratch, op, seq, length)
         self._reply(conn, seq, wire.STATUS_BAD_REQUEST, f"unknown op {op}")
         raise ConnectionError("protocol error")
+
+    def _handle_rdma(self, conn, scratch: bytearray, op: int, seq: int, length: int) -> None:
+        if length > wire.MAX_RDMA_REQUEST_BYTES:
+            self._drain(conn, scratch, length)
+            return self._reply(conn, seq, wire.STATUS_BAD_REQUEST, "rdma request too large")
+        payload = wire.recv_exact(conn, length) if length else b""
+        if self._rdma_accept is None or self._rdma_regions is None:
+            return self._reply(conn, seq, wire.STATUS_REFUSED, "this engine does not offer rdma")
+        try:
+            if op == wire.OP_RDMA_CONNECT:
+                reply, closer = self._rdma_accept(payload)
+                with self._lock:
+                    self._rdma_closers.setdefault(conn, []).append(closer)
+                # NOTE: data then moves by RDMA and this connection stays quiet; an idle timeout must not end it
+                # (that would close the QP under the peer's transfers).
+                wire.set_kernel_timeout(conn, None)
+            else:
+                reply = self._rdma_regions()
+        except Exception as exc:
+            return self._reply(conn, seq, wire.STATUS_REFUSED, f"rdma: {exc}")
+        conn.sendall(wire.RESPONSE.pack(seq, wire.STATUS_OK, len(reply)) + reply)
 
     def _check(self, op: int, buffer_id: int, offset: int, length: int):
         entry = self._lookup(buffer_id)

@@ -8,6 +8,9 @@ Request:  op (1 B), buffer id (4 B), seq (8 B), offset (8 B), length (8 B); WRIT
           payload bytes after it.
 Response: seq (8 B), status (1 B), message length (4 B), message; a successful READ is followed by the bytes.
 A connection serves requests in order, so a client may send many before reading the responses.
+RDMA control (only to engines that offer rdma; buffer id and offset 0): RDMA_CONNECT carries the client's
+msgpack QpInfo, RDMA_REGIONS nothing; on success the response's message is the msgpack reply (see
+rdma_peer.Hello; not truncated). The target keeps a QP made by RDMA_CONNECT until the connection closes.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ MAGIC = b"TSKT"
 VERSION = 1
 NONCE_BYTES = 32
 
-OP_READ, OP_WRITE, OP_NOTIFY = 1, 2, 3
-OP_NAMES = {OP_READ: "READ", OP_WRITE: "WRITE", OP_NOTIFY: "NOTIFY"}
+OP_READ, OP_WRITE, OP_NOTIFY, OP_RDMA_CONNECT, OP_RDMA_REGIONS = 1, 2, 3, 4, 5
+OP_NAMES = {OP_READ: "READ", OP_WRITE: "WRITE", OP_NOTIFY: "NOTIFY", OP_RDMA_CONNECT: "RDMA_CONNECT",
+            OP_RDMA_REGIONS: "RDMA_REGIONS"}
 
 STATUS_OK, STATUS_BOUNDS, STATUS_ACCESS, STATUS_NO_BUFFER, STATUS_BAD_REQUEST, STATUS_REFUSED = range(6)
 
@@ -32,6 +36,8 @@ RESPONSE = struct.Struct(">QBI")
 MAX_MESSAGE_BYTES = 4096
 # Largest NOTIFY payload a server accepts.
 MAX_NOTIFY_BYTES = 1 << 20
+# Largest RDMA_CONNECT / RDMA_REGIONS payload a server accepts.
+MAX_RDMA_REQUEST_BYTES = 4096
 
 
 class AuthError(ConnectionError):
