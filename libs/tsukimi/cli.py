@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.bench import transfer as transfer_bench
 
     transfer_bench.add_arguments(bench.add_parser("transfer", help="transfer engine throughput between two processes"))
+    sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
+        dest="sim", required=True)
+    from tsukimi.sim import cache as cache_sim
+
+    cache_sim.add_arguments(sim.add_parser("cache", help="replay a trace's hash_ids through the pool's index"))
     args = parser.parse_args(argv)
+    if args.command == "sim":
+        return cache_sim.run(args)
     if args.command == "bench":
         if args.compare:
             from tsukimi.bench import compare
