@@ -25,10 +25,16 @@ class PrefillEngine:
         self.model = model
 
     @torch.inference_mode()
-    def run(self, prompt_token_ids: list[int]) -> PrefillResult:
-        """Prefills one prompt."""
-        input_ids = torch.tensor([prompt_token_ids], dtype=torch.long)
-        cache = DynamicCache(config=self.model.config)
+    def run(self, prompt_token_ids: list[int], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+            ) -> PrefillResult:
+        """Prefills one prompt. With `prefix_kv` (the KV of the prompt's first tokens, e.g. loaded from the
+        cache pool) only the remaining tokens are computed; at least the last token always is."""
+        num_prefix = prefix_kv[0][0].shape[2] if prefix_kv else 0
+        if num_prefix >= len(prompt_token_ids):
+            raise ValueError(f"prefix of {num_prefix} tokens leaves nothing to compute of {len(prompt_token_ids)}")
+        cache = DynamicCache(ddp_cache_data=prefix_kv, config=self.model.config) if prefix_kv else DynamicCache(
+            config=self.model.config)
+        input_ids = torch.tensor([prompt_token_ids[num_prefix:]], dtype=torch.long)
         out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
         kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return PrefillResult(logits=out.logits[0, -1].float(), kv=kv)

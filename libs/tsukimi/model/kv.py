@@ -28,6 +28,24 @@ def pack(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[KVLayout, tor
     return layout, flat.view(torch.uint8)
 
 
+def split_blocks(layers: list[tuple[torch.Tensor, torch.Tensor]], block_size: int) -> list[torch.Tensor]:
+    """One packed uint8 buffer per full block of `block_size` tokens (the unit the cache pool stores)."""
+    seq_len = layers[0][0].shape[2]
+    blocks = []
+    for start in range(0, seq_len - block_size + 1, block_size):
+        part = [(k[:, :, start:start + block_size], v[:, :, start:start + block_size]) for k, v in layers]
+        blocks.append(pack([(k.contiguous(), v.contiguous()) for k, v in part])[1])
+    return blocks
+
+
+def join_blocks(layout: KVLayout, blocks: list[torch.Tensor | bytearray | memoryview]
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (K, V) of the concatenation of `blocks`, each packed with `layout` (one block's shape)."""
+    parts = [unpack(layout, b) for b in blocks]
+    return [(torch.cat([p[i][0] for p in parts], dim=2), torch.cat([p[i][1] for p in parts], dim=2))
+            for i in range(layout.num_layers)]
+
+
 def unpack(layout: KVLayout, buffer: torch.Tensor | bytearray | memoryview) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-layer (K, V) views of shape [1, heads, seq, dim] over `buffer` (no copy)."""
     if not isinstance(buffer, torch.Tensor):
