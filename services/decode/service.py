@@ -181,6 +181,10 @@ class DecodeService:
 
 def main(settings: Settings) -> None:
     """Runs one decode worker until SIGINT/SIGTERM."""
+    try:
+        settings.secret_bytes()
+    except ValueError as exc:
+        raise SystemExit(f"tsukimi decode: {exc}") from None
     torch.set_num_threads(settings.torch_threads)
     model = load_model(settings.model)
     engine = DecodeEngine(model, settings.max_batch_size, max_model_len(settings.model))

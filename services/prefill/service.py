@@ -232,6 +232,10 @@ class PrefillService:
 
 def main(settings: Settings) -> None:
     """Runs one prefill worker until SIGINT/SIGTERM."""
+    try:
+        settings.secret_bytes()
+    except ValueError as exc:
+        raise SystemExit(f"tsukimi prefill: {exc}") from None
     torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(load_model(settings.model))
     service = PrefillService(settings, engine, max_model_len(settings.model))

@@ -42,3 +42,17 @@ def test_settings_refuse_bad_values(monkeypatch, env):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.parametrize("service", ["prefill", "decode"])
+def test_workers_refuse_to_start_without_a_cluster_secret(service):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TSUKIMI_CLUSTER_SECRET"}
+    env["TSUKIMI_NATS_URL"] = "nats://127.0.0.1:1"
+    done = subprocess.run([sys.executable, "-m", "tsukimi", service], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    assert "TSUKIMI_CLUSTER_SECRET is not set" in done.stderr and "Traceback" not in done.stderr
