@@ -85,6 +85,10 @@ class LruBlockIndex:
         self.used -= self._sizes.pop(key)
         return True
 
+    def oldest_unpinned(self) -> Hashable | None:
+        """The block eviction would take next, or None."""
+        return next((key for key in self._sizes if key not in self._pins), None)
+
     def _evict_until(self, target: float) -> list[Hashable]:
         evicted = []
         for key in list(self._sizes):

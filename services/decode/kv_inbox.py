@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from tsukimi.common.expiring import ExpiringSet
-from tsukimi.decode.arena import ArenaAllocator, ArenaFull
+from tsukimi.common.arena import ArenaAllocator, ArenaFull
 
 
 class KVRefused(Exception):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tsukimi.decode.arena import ArenaAllocator, ArenaFull
+from tsukimi.common.arena import ArenaAllocator, ArenaFull
 
 
 def test_first_fit_alignment_and_exact_offsets():

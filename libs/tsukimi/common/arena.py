@@ -1,4 +1,4 @@
-"""First-fit allocator over one registered KV arena: byte ranges for incoming KV caches. Pure bookkeeping."""
+"""First-fit allocator over one registered region (decode's KV landing arena, a cachestore tier). Pure bookkeeping."""
 
 from __future__ import annotations
 

@@ -1,0 +1,287 @@
+"""The pool's metadata master: which blocks exist, where their replicas live, who is reading them.
+
+Plain class (no I/O): the cachestore service wraps it in gRPC; the data itself moves through the transfer
+engine between workers and the instances that contribute memory. Follows Mooncake Store's master:
+- a put is two-phase: `put_start` allocates replicas (the block is invisible, and cannot be evicted, while it is
+  written), `put_end` makes it visible, `put_revoke` frees the space;
+- a `get` takes a lease (default 10 s) that blocks eviction and removal until released or expired;
+- each instance's tier keeps its blocks in LRU order; past the high watermark the oldest unleased blocks are
+  evicted, moving to the instance's SSD tier when it has one (the caller copies the bytes), else dropped;
+- an instance that goes away takes its replicas with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from tsukimi.cachestore.lru_index import LruBlockIndex, TierFull
+from tsukimi.common.arena import ArenaAllocator, ArenaFull
+
+TIERS = ("dram", "ssd")
+
+
+class PoolError(Exception):
+    """A request the pool cannot satisfy (unknown block, no room, leased, ...)."""
+
+
+@dataclass(frozen=True)
+class Replica:
+    """Where one copy of a block lives."""
+
+    instance_id: str
+    tier: str
+    offset: int
+    size: int
+
+
+@dataclass
+class Block:
+    """One immutable block of KV, keyed by its chained hash."""
+
+    key: bytes
+    size: int
+    # Checksum the writer computed; readers verify it.
+    checksum: str
+    replicas: list[Replica]
+    # False while being written.
+    is_visible: bool = False
+    # Lease id -> expiry (monotonic seconds).
+    leases: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Eviction:
+    """A replica evicted from a tier; `demoted_to` is where its bytes must be copied (SSD), if anywhere."""
+
+    key: bytes
+    replica: Replica
+    demoted_to: Replica | None
+
+
+class _Tier:
+    def __init__(self, capacity: int, high_watermark: float, evict_share: float):
+        self.allocator = ArenaAllocator(capacity)
+        self.lru = LruBlockIndex(capacity, high_watermark, evict_share)
+
+
+class PoolMaster:
+    """Metadata of the whole pool."""
+
+    def __init__(self, lease_s: float = 10.0, high_watermark: float = 0.9, evict_share: float = 0.05,
+                 clock=time.monotonic):
+        self.lease_s = lease_s
+        self._high_watermark = high_watermark
+        self._evict_share = evict_share
+        self._clock = clock
+        self._tiers: dict[tuple[str, str], _Tier] = {}
+        self._blocks: dict[bytes, Block] = {}
+        self._lease_ids = itertools.count(1)
+
+    # ---- instances ---------------------------------------------------------------------------------------
+
+    def add_instance(self, instance_id: str, dram_bytes: int, ssd_bytes: int = 0) -> None:
+        """An instance contributes `dram_bytes` (and optionally `ssd_bytes`) to the pool."""
+        self._tiers[(instance_id, "dram")] = _Tier(dram_bytes, self._high_watermark, self._evict_share)
+        if ssd_bytes:
+            self._tiers[(instance_id, "ssd")] = _Tier(ssd_bytes, self._high_watermark, self._evict_share)
+
+    def remove_instance(self, instance_id: str) -> list[bytes]:
+        """Drops an instance and its replicas; returns the keys left with no replica (now gone)."""
+        for tier in TIERS:
+            self._tiers.pop((instance_id, tier), None)
+        lost = []
+        for key, block in list(self._blocks.items()):
+            block.replicas = [r for r in block.replicas if r.instance_id != instance_id]
+            if not block.replicas:
+                del self._blocks[key]
+                lost.append(key)
+        return lost
+
+    @property
+    def instance_ids(self) -> list[str]:
+        return sorted({iid for iid, _ in self._tiers})
+
+    # ---- lookups -----------------------------------------------------------------------------------------
+
+    def lookup_prefix(self, keys: list[bytes]) -> dict[str, dict[str, int]]:
+        """For each instance and tier, how many leading `keys` it holds (visible blocks only)."""
+        self._expire()
+        result: dict[str, dict[str, int]] = {}
+        for iid, tier in self._tiers:
+            n = 0
+            for key in keys:
+                block = self._blocks.get(key)
+                if block is None or not block.is_visible or not any(
+                        r.instance_id == iid and r.tier == tier for r in block.replicas):
+                    break
+                n += 1
+            result.setdefault(iid, {})[tier] = n
+        return result
+
+    def exists(self, key: bytes) -> bool:
+        block = self._blocks.get(key)
+        return block is not None and block.is_visible
+
+    # ---- two-phase put -----------------------------------------------------------------------------------
+
+    def put_start(self, key: bytes, size: int, checksum: str, num_replicas: int = 1,
+                  exclude: tuple[str, ...] = ()) -> tuple[list[Replica], list[Eviction]]:
+        """Allocates `num_replicas` DRAM replicas on distinct instances (most free first), evicting LRU blocks
+        where needed; returns (replicas to write, evictions made). ([], []) when the block already exists or
+        is being written. Raises PoolError when no instance has room."""
+        self._expire()
+        if key in self._blocks:
+            return [], []
+        evictions: list[Eviction] = []
+        candidates = sorted(
+            (iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude),
+            key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
+        replicas = []
+        for iid in candidates:
+            if len(replicas) == num_replicas:
+                break
+            offset = self._allocate(iid, "dram", size, evictions)
+            if offset is not None:
+                replicas.append(Replica(iid, "dram", offset, size))
+        if not replicas:
+            raise PoolError(f"no instance has {size} bytes of DRAM free")
+        self._blocks[key] = Block(key, size, checksum, replicas)
+        return replicas, evictions
+
+    def put_end(self, key: bytes) -> list[Eviction]:
+        """The block's bytes are written: it becomes visible. Returns the evictions this caused."""
+        block = self._require(key)
+        if block.is_visible:
+            return []
+        block.is_visible = True
+        evictions = []
+        for replica in block.replicas:
+            evictions += self._index(key, replica)
+        return evictions
+
+    def put_revoke(self, key: bytes) -> None:
+        """Abandons a put that has not ended: frees its space."""
+        block = self._require(key)
+        if block.is_visible:
+            raise PoolError("block is already visible: remove it instead")
+        for replica in block.replicas:
+            self._tiers[(replica.instance_id, replica.tier)].allocator.free(replica.offset)
+        del self._blocks[key]
+
+    # ---- reads -------------------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> tuple[list[Replica], int] | None:
+        """Replicas of a visible block (DRAM first) and a lease id; None on a miss."""
+        self._expire()
+        block = self._blocks.get(key)
+        if block is None or not block.is_visible:
+            return None
+        lease = next(self._lease_ids)
+        if not block.leases:
+            for replica in block.replicas:
+                self._tiers[(replica.instance_id, replica.tier)].lru.pin(key)
+        block.leases[lease] = self._clock() + self.lease_s
+        for replica in block.replicas:
+            self._tiers[(replica.instance_id, replica.tier)].lru.match_prefix([key])
+        return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)), lease
+
+    def release(self, key: bytes, lease: int) -> None:
+        """Ends a lease early."""
+        block = self._blocks.get(key)
+        if block is not None and block.leases.pop(lease, None) is not None and not block.leases:
+            self._unpin(block)
+
+    def drop_replica(self, key: bytes, replica: Replica) -> None:
+        """A replica failed its checksum (or its instance lost it): forget it."""
+        block = self._require(key)
+        if replica in block.replicas:
+            block.replicas.remove(replica)
+            tier = self._tiers.get((replica.instance_id, replica.tier))
+            if tier is not None:
+                if block.leases:
+                    tier.lru.unpin(key)
+                tier.lru.remove(key)
+                tier.allocator.free(replica.offset)
+        if not block.replicas:
+            del self._blocks[key]
+
+    def remove(self, key: bytes) -> bool:
+        """Deletes a block unless a reader holds a lease on it; True when removed."""
+        self._expire()
+        block = self._blocks.get(key)
+        if block is None or block.leases or not block.is_visible:
+            return False
+        for replica in block.replicas:
+            tier = self._tiers[(replica.instance_id, replica.tier)]
+            tier.lru.remove(key)
+            tier.allocator.free(replica.offset)
+        del self._blocks[key]
+        return True
+
+    # ---- internals ---------------------------------------------------------------------------------------
+
+    def _require(self, key: bytes) -> Block:
+        block = self._blocks.get(key)
+        if block is None:
+            raise PoolError("unknown block")
+        return block
+
+    def _allocate(self, iid: str, tier_name: str, size: int, evictions: list[Eviction] | None = None
+                  ) -> int | None:
+        """An offset for `size` bytes in a tier, evicting its oldest unleased blocks while it is full (only
+        when `evictions` collects them); None when it cannot make room."""
+        tier = self._tiers[(iid, tier_name)]
+        while True:
+            try:
+                return tier.allocator.allocate(size)
+            except ArenaFull:
+                if evictions is None:
+                    return None
+                victim = tier.lru.oldest_unpinned()
+                if victim is None:
+                    return None
+                tier.lru.remove(victim)
+                evictions += self._evict(victim, iid, tier_name)
+
+    def _index(self, key: bytes, replica: Replica) -> list[Eviction]:
+        tier = self._tiers[(replica.instance_id, replica.tier)]
+        try:
+            evicted = tier.lru.insert(key, replica.size)
+        except TierFull:
+            evicted = []
+        return [e for k in evicted for e in self._evict(k, replica.instance_id, replica.tier)]
+
+    def _evict(self, key: bytes, iid: str, tier_name: str) -> list[Eviction]:
+        """Takes `key`'s replica out of a tier (already out of its LRU): DRAM demotes to the instance's SSD tier
+        when there is one (which may evict there in turn); SSD drops."""
+        block = self._blocks[key]
+        replica = next(r for r in block.replicas if r.instance_id == iid and r.tier == tier_name)
+        self._tiers[(iid, tier_name)].allocator.free(replica.offset)
+        block.replicas.remove(replica)
+        demoted, more = None, []
+        if tier_name == "dram" and (iid, "ssd") in self._tiers:
+            offset = self._allocate(iid, "ssd", block.size, more)
+            if offset is not None:
+                demoted = Replica(iid, "ssd", offset, block.size)
+                block.replicas.append(demoted)
+                more += self._index(key, demoted)
+        if not block.replicas:
+            del self._blocks[key]
+        return [Eviction(key, replica, demoted), *more]
+
+    def _unpin(self, block: Block) -> None:
+        for replica in block.replicas:
+            tier = self._tiers.get((replica.instance_id, replica.tier))
+            if tier is not None and block.key in tier.lru:
+                tier.lru.unpin(block.key)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for block in self._blocks.values():
+            if block.leases:
+                for lease in [lid for lid, until in block.leases.items() if until <= now]:
+                    del block.leases[lease]
+                if not block.leases:
+                    self._unpin(block)

@@ -1,0 +1,101 @@
+"""The pool master: two-phase puts, leases, LRU eviction with SSD demotion, instance loss. Exact expectations."""
+
+import pytest
+
+from tsukimi.cachestore.master import PoolError, PoolMaster, Replica
+
+K = [bytes([i]) * 32 for i in range(16)]
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def put(master, key, size=100):
+    replicas, evictions = master.put_start(key, size, "crc")
+    return replicas, evictions + master.put_end(key)
+
+
+def test_two_phase_put_visibility_and_revoke():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=1024)
+    replicas, evictions = m.put_start(K[0], 100, "crc")
+    assert replicas == [Replica("a", "dram", 0, 100)] and evictions == []
+    assert not m.exists(K[0]) and m.get(K[0]) is None  # half-written: never served
+    assert m.lookup_prefix([K[0]]) == {"a": {"dram": 0}}
+    assert m.put_start(K[0], 100, "crc") == ([], [])  # already being written
+    m.put_end(K[0])
+    assert m.exists(K[0]) and m.lookup_prefix([K[0], K[1]]) == {"a": {"dram": 1}}
+    m.put_start(K[1], 100, "crc")
+    m.put_revoke(K[1])
+    assert m.put_start(K[2], 100, "crc")[0] == [Replica("a", "dram", 128, 100)]  # K1's space came back
+
+
+def test_replicas_go_to_distinct_instances_most_free_first():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=1024)
+    m.add_instance("b", dram_bytes=4096)
+    replicas, _ = m.put_start(K[0], 100, "crc", num_replicas=2)
+    assert [r.instance_id for r in replicas] == ["b", "a"]
+    m.put_end(K[0])
+    assert m.lookup_prefix([K[0]]) == {"a": {"dram": 1}, "b": {"dram": 1}}
+    with pytest.raises(PoolError):
+        PoolMaster().put_start(K[0], 1, "crc")
+
+
+def test_lru_eviction_spares_leased_blocks_and_leases_expire():
+    clock = Clock()
+    m = PoolMaster(lease_s=10, high_watermark=0.9, evict_share=0.3, clock=clock)
+    m.add_instance("a", dram_bytes=640)  # room for 5 blocks of 128
+    for i in range(4):
+        put(m, K[i], 128)
+    _, lease = m.get(K[0])  # K0 leased (and most recent)
+    assert m.remove(K[0]) is False
+    # A fifth block: 640 > 0.9 * 640, evict until <= 640 - 192 = 448, oldest unleased first: K1, K2.
+    _, evictions = put(m, K[4], 128)
+    assert [e.key for e in evictions] == [K[1], K[2]] and all(e.demoted_to is None for e in evictions)
+    assert m.exists(K[0]) and not m.exists(K[1])
+    clock.now = 11  # the lease expired
+    assert m.remove(K[0]) is True
+    m.release(K[3], 999)  # unknown lease: harmless
+
+
+def test_eviction_demotes_to_ssd_and_get_prefers_dram():
+    m = PoolMaster(high_watermark=0.9, evict_share=0.4)
+    m.add_instance("a", dram_bytes=256, ssd_bytes=4096)
+    put(m, K[0], 128)
+    _, evictions = put(m, K[1], 128)  # 256 of 256 > 90%: K0 moves to SSD
+    assert [(e.key, e.replica.tier, e.demoted_to.tier) for e in evictions] == [(K[0], "dram", "ssd")]
+    assert m.lookup_prefix([K[0], K[1]]) == {"a": {"dram": 0, "ssd": 1}}
+    replicas, lease = m.get(K[0])
+    assert [r.tier for r in replicas] == ["ssd"]
+    m.release(K[0], lease)
+
+
+def test_instance_loss_drops_its_replicas():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=1024)
+    m.add_instance("b", dram_bytes=1024)
+    m.put_start(K[0], 100, "crc", num_replicas=2)
+    m.put_end(K[0])
+    m.put_start(K[1], 100, "crc", exclude=("b",))
+    m.put_end(K[1])
+    assert m.remove_instance("a") == [K[1]]
+    assert m.exists(K[0]) and not m.exists(K[1])
+    assert m.lookup_prefix([K[0]]) == {"b": {"dram": 1}}
+    replicas, _ = m.get(K[0])
+    m.drop_replica(K[0], replicas[0])  # its checksum failed: the last replica goes, the block with it
+    assert not m.exists(K[0])
+
+
+def test_full_tier_evicts_to_make_room_for_a_put():
+    m = PoolMaster(high_watermark=1.0, evict_share=0.01)
+    m.add_instance("a", dram_bytes=256)
+    put(m, K[0], 128)
+    put(m, K[1], 128)
+    replicas, evictions = m.put_start(K[2], 128, "crc")
+    assert replicas == [Replica("a", "dram", 0, 128)] and [e.key for e in evictions] == [K[0]]
