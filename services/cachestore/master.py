@@ -100,6 +100,17 @@ class PoolMaster:
         return lost
 
     @property
+    def num_blocks(self) -> int:
+        return sum(1 for b in self._blocks.values() if b.is_visible)
+
+    def dram_used(self) -> int:
+        """Bytes of DRAM held by indexed (visible) blocks, all instances."""
+        return sum(t.lru.used for (_, tier), t in self._tiers.items() if tier == "dram")
+
+    def checksum(self, key: bytes) -> str:
+        return self._require(key).checksum
+
+    @property
     def instance_ids(self) -> list[str]:
         return sorted({iid for iid, _ in self._tiers})
 

@@ -71,6 +71,8 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
         TSUKIMI_CACHESTORE_GRPC_PORT=str(grpc_port),
         TSUKIMI_METRICS_PORT=str(metrics_port),
         TSUKIMI_HEARTBEAT_INTERVAL_S="0.2",
+        TSUKIMI_CLUSTER_SECRET=SECRET.decode(),
+        TSUKIMI_CACHE_DRAM_BYTES=str(16 << 20),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tsukimi", "cachestore"],
@@ -91,11 +93,15 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
                 health_pb2.HealthCheckRequest(service=""), timeout=5
             )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert beat.grpc_address == f"127.0.0.1:{grpc_port}" and beat.kv_segment == instance_id
+
+        await _put_and_get_a_block_through_the_pool(nc, beat)
 
         async with httpx.AsyncClient(timeout=2.0) as client:
             metrics = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metrics.status_code == 200
         assert "tsukimi_cachestore_up 1.0" in metrics.text
+        assert "tsukimi_cachestore_hits_total 1.0" in metrics.text
 
         proc.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(proc.wait, EXIT_TIMEOUT_S)
@@ -107,3 +113,49 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
             proc.kill()
             proc.wait()
         await nc.close()
+
+
+SECRET = b"cachestore-test-secret"
+
+
+async def _put_and_get_a_block_through_the_pool(nc, beat: Heartbeat) -> None:
+    """Two-phase put (metadata over gRPC, bytes through the transfer engine), then a leased get and read."""
+    import uuid
+    import zlib
+
+    import numpy as np
+
+    from tsukimi.proto import cachestore_pb2 as pb
+    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+    from tsukimi.transfer.engine import TransferEngine
+    from tsukimi.transfer.metadata import NatsMetadataStore
+
+    engine = await TransferEngine("client-" + uuid.uuid4().hex[:6], SECRET, NatsMetadataStore(nc)).start()
+    data = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8)
+    back = np.zeros_like(data)
+    src, dst = engine.register(data, read_only=True), engine.register(back)
+    key = bytes(range(32))
+    try:
+        async with grpc.aio.insecure_channel(beat.grpc_address) as channel:
+            stub = pb_grpc.CacheStoreStub(channel)
+            assert (await stub.Lookup(pb.LookupRequest(keys=[key]))).num_leading == 0
+            assert not (await stub.Get(pb.KeyRequest(key=key))).found
+            started = await stub.PutStart(pb.PutStartRequest(key=key, size=data.nbytes, num_replicas=1,
+                                                             checksum=f"{zlib.crc32(data):08x}"))
+            (replica,) = started.replicas
+            assert not (await stub.Get(pb.KeyRequest(key=key))).found  # invisible until the put ends
+            await engine.write(src, 0, replica.segment, replica.buffer_id, replica.offset, data.nbytes)
+            await stub.PutEnd(pb.KeyRequest(key=key))
+            assert (await stub.Lookup(pb.LookupRequest(keys=[key, b"x" * 32]))).num_leading == 1
+            got = await stub.Get(pb.KeyRequest(key=key))
+            assert got.found and got.checksum == f"{zlib.crc32(data):08x}"
+            r = got.replicas[0]
+            await engine.read(dst, 0, r.segment, r.buffer_id, r.offset, r.size)
+            assert np.array_equal(back, data)
+            assert not (await stub.Remove(pb.KeyRequest(key=key))).removed  # leased
+            await stub.Release(pb.ReleaseRequest(key=key, lease_id=got.lease_id))
+            assert (await stub.Remove(pb.KeyRequest(key=key))).removed
+            stats = await stub.Stats(pb.Empty())
+            assert (stats.hits, stats.misses, stats.num_blocks) == (1, 2, 0)
+    finally:
+        await engine.close()

@@ -193,6 +193,8 @@ class Heartbeat(Message):
     model: str = ""
     # Its transfer-engine segment name (decode: where prefill writes KV); "" when it has none.
     kv_segment: str = ""
+    # "host:port" of its gRPC API (cachestore); "" when it has none.
+    grpc_address: str = ""
     # Requests queued, not yet running.
     num_waiting: int = 0
     # Requests running (in the prefill forward or the decode batch).

@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     max_prefill_queue: int = Field(256, ge=1)
     # Bytes of the decode worker's shared KV landing arena (prefill writes each request's KV there).
     kv_arena_bytes: int = Field(256 << 20, ge=1 << 20)
+    # Tokens per KV cache block: the unit of prefix reuse (cluster-wide).
+    cache_block_tokens: int = Field(64, ge=1)
+    # Bytes of DRAM a cachestore instance contributes to the pool.
+    cache_dram_bytes: int = Field(256 << 20, ge=1 << 20)
+    # False turns prefix reuse through the pool off (prefill computes every prompt in full).
+    is_cache_enabled: bool = True
     # Shared secret the transfer engines of one cluster authenticate each other with.
     cluster_secret: str = ""
     # Seconds a transfer-engine descriptor lives in the metadata store without a refresh.
