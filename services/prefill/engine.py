@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from tsukimi.common.messages import KVLayout
+
 
 @dataclass
 class PrefillResult:
@@ -23,6 +25,16 @@ class PrefillEngine:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+
+    def block_layout(self, block_tokens: int) -> KVLayout:
+        """Shape of one cache block of this model's KV."""
+        config = self.model.config.get_text_config(decoder=True)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+            next(self.model.parameters()).dtype]
+        return KVLayout(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+                        block_tokens, head_dim, dtype)
 
     @torch.inference_mode()
     def run(self, prompt_token_ids: list[int], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None

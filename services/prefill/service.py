@@ -28,6 +28,7 @@ from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
 from tsukimi.model.spec import max_model_len
 from tsukimi.prefill.engine import PrefillEngine
+from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
 from tsukimi.transfer.metadata import NatsMetadataStore
 
@@ -44,6 +45,8 @@ TRANSFER_SECONDS = Histogram("tsukimi_prefill_kv_transfer_seconds", "Time to mov
                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 TRANSFER_BYTES = Counter("tsukimi_prefill_kv_transfer_bytes_total", "KV bytes sent to decode workers")
 PROMPT_TOKENS = Counter("tsukimi_prefill_prompt_tokens_total", "Prompt tokens computed")
+CACHED_TOKENS = Counter("tsukimi_prefill_cached_tokens_total", "Prompt tokens loaded from the KV pool instead")
+STORED_BLOCKS = Counter("tsukimi_prefill_stored_blocks_total", "KV blocks written to the pool")
 OUTCOMES = Counter("tsukimi_prefill_requests_total", "Prefill tasks by outcome", ["outcome"])
 
 
@@ -57,6 +60,8 @@ class PrefillService:
         self.instance_id = settings.instance_name("prefill")
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
         self.transfer: TransferEngine | None = None
+        self.cache: PrefixCache | None = None
+        self._stores: set[asyncio.Task] = set()
         # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
         self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
         self.num_running = 0
@@ -96,6 +101,22 @@ class PrefillService:
             return
         self.cancelled.add(cancel.request_id)
 
+    async def _on_cachestore(self, msg) -> None:
+        try:
+            beat = decode(msg.data, Heartbeat)
+        except msgspec.ValidationError:
+            return
+        if beat.is_leaving:
+            if self.cache.is_available and self._cachestore_id == beat.instance_id:
+                log.info("cachestore %s left; prefix reuse off until another one appears", beat.instance_id)
+                self.cache.use("")
+        elif not self.cache.is_available and beat.grpc_address:
+            log.info("using cachestore %s at %s", beat.instance_id, beat.grpc_address)
+            self._cachestore_id = beat.instance_id
+            self.cache.use(beat.grpc_address)
+
+    _cachestore_id = ""
+
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)
         self.transfer = TransferEngine(
@@ -103,6 +124,9 @@ class PrefillService:
             host=self.settings.kv_host, port=self.settings.kv_port,
             num_connections=self.settings.transfer_connections, timeout_s=self.settings.kv_transfer_timeout_s)
         await self.transfer.start()
+        if self.settings.is_cache_enabled:
+            self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens)
+            await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
         await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
         beats = asyncio.create_task(heartbeat_forever(
@@ -121,6 +145,10 @@ class PrefillService:
             QUEUED.set(self.queue.qsize())
             await self._process(getter.result())
         await self._fail_queued("prefill worker shutting down")
+        if self._stores:
+            await asyncio.wait(self._stores, timeout=5)
+        if self.cache is not None:
+            await self.cache.close()
         await beats
         await self.transfer.close()
         await self.nc.drain()
@@ -138,21 +166,29 @@ class PrefillService:
             self.num_running = 1
             RUNNING.set(1)
             started = time.perf_counter()
+            prefix = None
+            if self.cache is not None:
+                prefix = await self.cache.load(request.prompt_token_ids, self.engine.block_layout(
+                    self.settings.cache_block_tokens))
+            num_cached = prefix[0][0].shape[2] if prefix else 0
             try:
-                result = await asyncio.to_thread(self.engine.run, request.prompt_token_ids)
+                result = await asyncio.to_thread(self.engine.run, request.prompt_token_ids, prefix)
             finally:
                 self.num_running = 0
                 RUNNING.set(0)
             PREFILL_SECONDS.observe(time.perf_counter() - started)
-            PROMPT_TOKENS.inc(len(request.prompt_token_ids))
+            PROMPT_TOKENS.inc(len(request.prompt_token_ids) - num_cached)
+            CACHED_TOKENS.inc(num_cached)
             first = sample(result.logits, request.sampling, 0)
             reason = None
             if first in request.sampling.stop_token_ids:
                 reason = "stop"
             elif request.sampling.max_tokens <= 1:
                 reason = "length"
-            await self._emit(TokenEvent(request_id=rid, index=0, token_id=first, finish_reason=reason))
+            await self._emit(TokenEvent(request_id=rid, index=0, token_id=first, finish_reason=reason,
+                                        num_cached_tokens=num_cached))
             next_index = 1
+            self._store_later(request.prompt_token_ids, result.kv, num_cached)
             if reason is not None:
                 OUTCOMES.labels("finished").inc()
                 return
@@ -219,6 +255,21 @@ class PrefillService:
                 await self._emit(TokenEvent(request_id=rid, index=1, error=ack.error))
             return
         OUTCOMES.labels("handed_over").inc()
+
+    def _store_later(self, prompt: list[int], kv, num_cached: int) -> None:
+        """Writes the prompt's new full blocks to the pool in the background (the next prompt needs no wait)."""
+        if self.cache is None or not self.cache.is_available:
+            return
+
+        async def store() -> None:
+            try:
+                STORED_BLOCKS.inc(await self.cache.store(prompt, kv, num_cached // self.settings.cache_block_tokens))
+            except Exception as exc:  # NOTE: storing is best effort; the request is already served.
+                log.warning("storing KV blocks failed: %s", exc)
+
+        task = asyncio.create_task(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
 
     async def _emit(self, event: TokenEvent) -> None:
         await self.nc.publish(subjects.stream(event.request_id), encode(event))

@@ -269,3 +269,43 @@ def test_killed_decode_worker_fails_its_stream_fast_and_is_restarted(qwen_up):
                     "completion_tokens"] == 4
 
     asyncio.run(run())
+
+
+async def test_prefix_reuse_through_the_pool_is_exact_and_reported(demo_up, demo_reference):
+    """A repeated prompt and every later turn of a chat load their prefix from the cache pool: cached_tokens
+    says how much, and the output stays token-identical to transformers' generate."""
+    import logging
+
+    model, tokenizer = demo_reference
+    block = 64  # TSUKIMI_CACHE_BLOCK_TOKENS default
+    prompt = "The pool keeps what prefill computed. " * 6  # 228 tokens: 3 full blocks
+    ids = tokenizer.encode(prompt)
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
+        first = await complete(client, "demo", prompt, 10)
+        await asyncio.sleep(1.0)  # blocks are stored just after the first request is served
+        second = await complete(client, "demo", prompt, 10)
+        ref = reference_ids(model, tokenizer, ids, 10)
+        check_identical(first, ref, tokenizer)
+        check_identical(second, ref, tokenizer)
+        assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(ids) - 1) // block * block
+
+        messages = [{"role": "system", "content": "You are the pool's chronicler. " * 4},
+                    {"role": "user", "content": "Tell me about block keys."}]
+        for turn in range(3):
+            started = time.monotonic()
+            r = await client.post("/v1/chat/completions", json={"model": "demo", "messages": messages,
+                                                                "max_tokens": 8, "temperature": 0})
+            elapsed = time.monotonic() - started
+            body = r.json()
+            cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            logging.getLogger(__name__).info("turn %d: %d prompt tokens, %d cached, %.3fs", turn,
+                                             body["usage"]["prompt_tokens"], cached, elapsed)
+            chat_ids = tokenizer.encode_chat(messages)
+            assert body["choices"][0]["message"]["content"] == tokenizer.decode(
+                reference_ids(model, tokenizer, chat_ids, 8))
+            if turn > 0:
+                assert cached >= block  # every turn after the first reuses the conversation so far
+            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": f"And then? ({turn})"}]
+            await asyncio.sleep(1.0)

@@ -416,8 +416,10 @@ def _wait_for_master(proc: subprocess.Popen, log: Path, http_metadata: bool, tim
             missing = loader_error(text)
             if missing:
                 raise MooncakeStoreUnavailable(f"mooncake_master cannot load {missing}; {INSTALL_HINT}")
+            fatal = master_fatal_line(text)
             raise MooncakeStoreBenchError(
-                f"mooncake_master exited with {proc.returncode} before it was ready:\n{text[-2000:]}"
+                f"mooncake_master exited with {proc.returncode} before it was ready"
+                f"{': ' + fatal if fatal else ''}:\n{text[-2000:]}"
             )
         if time.monotonic() > deadline:
             raise MooncakeStoreBenchError(f"mooncake_master not ready after {timeout_s:.0f} s:\n{text[-2000:]}")
@@ -529,7 +531,7 @@ def run_mooncake_store_ops(
 def _memcpy_log_line(worker_log: Path) -> str | None:
     """The client's MC_STORE_MEMCPY decision as logged (tells whether local objects bypass TCP)."""
     for line in _tail(worker_log, 200_000).splitlines():
-        if "MC_STORE_MEMCPY" in line:
+        if "MC_STORE_MEMCPY" in line or ("transfer_task.cpp" in line and "memcpy" in line.lower()):
             return line.split("] ", 1)[-1].strip()
     return None
 

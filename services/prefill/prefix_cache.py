@@ -1,0 +1,152 @@
+"""Prefill's use of the KV cache pool: load the longest cached prefix of a prompt, store the blocks it computed.
+
+Metadata goes over the cachestore's gRPC API; block bytes through the transfer engine. Any failure to reach
+the pool degrades to computing the whole prompt: the pool is an accelerator, never a dependency.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import grpc
+import numpy as np
+import torch
+
+from tsukimi.common.block_keys import block_keys
+from tsukimi.common.messages import KVLayout
+from tsukimi.model.kv import join_blocks, layout_of, split_blocks
+from tsukimi.proto import cachestore_pb2 as pb
+from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+from tsukimi.transfer.batch import Op, Status, TransferRequest
+from tsukimi.transfer.engine import TransferEngine
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 2.0
+
+
+def _checksum(data: np.ndarray) -> str:
+    return f"{zlib.crc32(data):08x}"
+
+
+class PrefixCache:
+    """Loads and stores KV blocks of prompts for one model."""
+
+    def __init__(self, transfer: TransferEngine, model: str, block_tokens: int):
+        self.transfer = transfer
+        self.model = model
+        self.block_tokens = block_tokens
+        self._address = ""
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.CacheStoreStub | None = None
+
+    def use(self, address: str) -> None:
+        """Talk to the cachestore at `address` (from its heartbeat); "" forgets it."""
+        if address == self._address:
+            return
+        self._address = address
+        self._channel = grpc.aio.insecure_channel(address) if address else None
+        self._stub = pb_grpc.CacheStoreStub(self._channel) if address else None
+
+    @property
+    def is_available(self) -> bool:
+        return self._stub is not None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def load(self, prompt: list[int], block_layout: KVLayout
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """KV of the longest cached prefix of `prompt` (whole blocks, leaving at least one token to compute),
+        or None."""
+        if self._stub is None:
+            return None
+        keys = block_keys(prompt, self.block_tokens, self.model)[: (len(prompt) - 1) // self.block_tokens]
+        if not keys:
+            return None
+        try:
+            found = await self._stub.Lookup(pb.LookupRequest(keys=keys), timeout=RPC_TIMEOUT_S)
+            num = found.num_leading
+            if num == 0:
+                return None
+            gets = [await self._stub.Get(pb.KeyRequest(key=k), timeout=RPC_TIMEOUT_S) for k in keys[:num]]
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache lookup failed, computing the whole prompt: %s", exc.code().name)
+            return None
+        num = next((i for i, g in enumerate(gets) if not g.found), len(gets))
+        size = block_layout.num_bytes
+        staging = np.empty(num * size, dtype=np.uint8)
+        local = self.transfer.register(staging)
+        try:
+            requests = []
+            for i, got in enumerate(gets[:num]):
+                replica = got.replicas[0]
+                requests.append(TransferRequest(Op.READ, local, i * size, replica.segment, replica.buffer_id,
+                                                replica.offset, size))
+            statuses = await self.transfer.wait(await self.transfer.submit(requests)) if requests else []
+        finally:
+            self.transfer.unregister(local)
+            await self._release(keys, gets)
+        good = 0
+        for i, st in enumerate(statuses):
+            block = staging[i * size:(i + 1) * size]
+            if st.status != Status.COMPLETED or _checksum(block) != gets[i].checksum:
+                log.warning("cached block %d unusable (%s); using %d blocks", i, st.error or "checksum", good)
+                break
+            good += 1
+        if good == 0:
+            return None
+        return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(good)])
+
+    async def _release(self, keys, gets) -> None:
+        for key, got in zip(keys, gets):
+            if got.found:
+                try:
+                    await self._stub.Release(pb.ReleaseRequest(key=key, lease_id=got.lease_id),
+                                             timeout=RPC_TIMEOUT_S)
+                except grpc.aio.AioRpcError:
+                    pass  # NOTE: leases expire by themselves.
+
+    async def store(self, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], num_cached_blocks: int
+                    ) -> int:
+        """Stores the full blocks of `prompt` after the first `num_cached_blocks`; returns how many it stored."""
+        if self._stub is None:
+            return 0
+        keys = block_keys(prompt, self.block_tokens, self.model)
+        blocks = split_blocks(kv, self.block_tokens)[num_cached_blocks:len(keys)]
+        keys = keys[num_cached_blocks:]
+        num_stored = 0
+        for key, block in zip(keys, blocks):
+            data = block.numpy()
+            try:
+                started = await self._stub.PutStart(pb.PutStartRequest(
+                    key=key, size=data.nbytes, checksum=_checksum(data), num_replicas=1), timeout=RPC_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                log.info("cache put refused (%s); stopping here", exc.details())
+                break
+            if not started.replicas:
+                continue  # somebody stored (or is storing) it already
+            local = self.transfer.register(data, read_only=True)
+            try:
+                replica = started.replicas[0]
+                await self.transfer.write(local, 0, replica.segment, replica.buffer_id, replica.offset, data.nbytes)
+                await self._stub.PutEnd(pb.KeyRequest(key=key), timeout=RPC_TIMEOUT_S)
+                num_stored += 1
+            except Exception as exc:
+                log.warning("cache put of a block failed: %s", exc)
+                try:
+                    await self._stub.PutRevoke(pb.KeyRequest(key=key), timeout=RPC_TIMEOUT_S)
+                except grpc.aio.AioRpcError:
+                    pass
+                break
+            finally:
+                self.transfer.unregister(local)
+        return num_stored
+
+
+def block_layout_of(kv: list[tuple[torch.Tensor, torch.Tensor]], block_tokens: int) -> KVLayout:
+    """Layout of one block of this model's KV."""
+    full = layout_of(kv)
+    return KVLayout(full.num_layers, full.num_kv_heads, block_tokens, full.head_dim, full.dtype)
