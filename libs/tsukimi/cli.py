@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.bench import transfer as transfer_bench
 
     transfer_bench.add_arguments(bench.add_parser("transfer", help="transfer engine throughput between two processes"))
+    from tsukimi.bench import cachestore as cachestore_bench
+
+    cachestore_bench.add_arguments(bench.add_parser("cachestore", help="put/get throughput of the KV cache pool"))
     sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
         dest="sim", required=True)
     from tsukimi.sim import cache as cache_sim
@@ -47,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "sim":
         return cache_sim.run(args)
+    if args.command == "bench" and args.bench == "cachestore":
+        cachestore_bench.print_results(cachestore_bench.run(args), args.json)
+        return 0
     if args.command == "bench":
         if args.compare:
             from tsukimi.bench import compare

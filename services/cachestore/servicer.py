@@ -105,3 +105,50 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     def _export(self) -> None:
         DRAM_USED.set(self.master.dram_used())
+
+    # ---- batch forms -------------------------------------------------------------------------------------
+
+    async def BatchPutStart(self, request, context):
+        reply = pb.BatchPutStartReply()
+        for put in request.puts:
+            try:
+                replicas, evictions = self.master.put_start(put.key, put.size, put.checksum,
+                                                            max(1, put.num_replicas))
+                self._count_evictions(evictions)
+            except PoolError:
+                PUTS.labels("no_room").inc()
+                replicas = []
+            reply.puts.append(pb.PutStartReply(replicas=[self._replica(r) for r in replicas]))
+        return reply
+
+    async def BatchPutEnd(self, request, context):
+        for key in request.keys:
+            try:
+                self._count_evictions(self.master.put_end(key))
+                PUTS.labels("visible").inc()
+            except PoolError:
+                pass  # NOTE: revoked or lost meanwhile; the caller's other blocks still count.
+        self._export()
+        return pb.Empty()
+
+    async def BatchPutRevoke(self, request, context):
+        for key in request.keys:
+            try:
+                self.master.put_revoke(key)
+                PUTS.labels("revoked").inc()
+            except PoolError:
+                pass
+        return pb.Empty()
+
+    async def BatchGet(self, request, context):
+        return pb.BatchGetReply(gets=[await self.Get(pb.KeyRequest(key=k), context) for k in request.keys])
+
+    async def BatchRelease(self, request, context):
+        for release in request.releases:
+            self.master.release(release.key, release.lease_id)
+        return pb.Empty()
+
+    async def BatchRemove(self, request, context):
+        removed = [self.master.remove(k) for k in request.keys]
+        self._export()
+        return pb.BatchRemoveReply(removed=removed)

@@ -74,6 +74,36 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.StatsReply.FromString,
                 _registered_method=True)
+        self.BatchPutStart = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchPutStart',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartReply.FromString,
+                _registered_method=True)
+        self.BatchPutEnd = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchPutEnd',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.BatchPutRevoke = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchPutRevoke',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.BatchGet = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchGet',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchGetReply.FromString,
+                _registered_method=True)
+        self.BatchRelease = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchRelease',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchReleaseRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.BatchRemove = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchRemove',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -127,6 +157,42 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchPutStart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchPutEnd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchPutRevoke(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGet(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchRelease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchRemove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +235,36 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.StatsReply.SerializeToString,
+            ),
+            'BatchPutStart': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPutStart,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartReply.SerializeToString,
+            ),
+            'BatchPutEnd': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPutEnd,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'BatchPutRevoke': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPutRevoke,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'BatchGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGet,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchGetReply.SerializeToString,
+            ),
+            'BatchRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRelease,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchReleaseRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'BatchRemove': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRemove,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +483,168 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/Stats',
             tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.StatsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPutStart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchPutStart',
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchPutStartReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPutEnd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchPutEnd',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchPutRevoke(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchPutRevoke',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchGet',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchGetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchRelease',
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchReleaseRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRemove(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchRemove',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.FromString,
             options,
             channel_credentials,
             insecure,
