@@ -71,7 +71,7 @@ class PrefixCache:
             num = found.num_leading
             if num == 0:
                 return None
-            gets = [await self._stub.Get(pb.KeyRequest(key=k), timeout=RPC_TIMEOUT_S) for k in keys[:num]]
+            gets = list((await self._stub.BatchGet(pb.KeysRequest(keys=keys[:num]), timeout=RPC_TIMEOUT_S)).gets)
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed, computing the whole prompt: %s", exc.code().name)
             return None
@@ -101,13 +101,11 @@ class PrefixCache:
         return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(good)])
 
     async def _release(self, keys, gets) -> None:
-        for key, got in zip(keys, gets):
-            if got.found:
-                try:
-                    await self._stub.Release(pb.ReleaseRequest(key=key, lease_id=got.lease_id),
-                                             timeout=RPC_TIMEOUT_S)
-                except grpc.aio.AioRpcError:
-                    pass  # NOTE: leases expire by themselves.
+        releases = [pb.ReleaseRequest(key=k, lease_id=g.lease_id) for k, g in zip(keys, gets) if g.found]
+        try:
+            await self._stub.BatchRelease(pb.BatchReleaseRequest(releases=releases), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            pass  # NOTE: leases expire by themselves.
 
     async def store(self, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], num_cached_blocks: int
                     ) -> int:
@@ -117,32 +115,40 @@ class PrefixCache:
         keys = block_keys(prompt, self.block_tokens, self.model)
         blocks = split_blocks(kv, self.block_tokens)[num_cached_blocks:len(keys)]
         keys = keys[num_cached_blocks:]
-        num_stored = 0
-        for key, block in zip(keys, blocks):
-            data = block.numpy()
-            try:
-                started = await self._stub.PutStart(pb.PutStartRequest(
-                    key=key, size=data.nbytes, checksum=_checksum(data), num_replicas=1), timeout=RPC_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                log.info("cache put refused (%s); stopping here", exc.details())
-                break
-            if not started.replicas:
-                continue  # somebody stored (or is storing) it already
-            local = self.transfer.register(data, read_only=True)
-            try:
-                replica = started.replicas[0]
-                await self.transfer.write(local, 0, replica.segment, replica.buffer_id, replica.offset, data.nbytes)
-                await self._stub.PutEnd(pb.KeyRequest(key=key), timeout=RPC_TIMEOUT_S)
-                num_stored += 1
-            except Exception as exc:
-                log.warning("cache put of a block failed: %s", exc)
-                try:
-                    await self._stub.PutRevoke(pb.KeyRequest(key=key), timeout=RPC_TIMEOUT_S)
-                except grpc.aio.AioRpcError:
-                    pass
-                break
-            finally:
+        if not keys:
+            return 0
+        datas = [block.numpy() for block in blocks]
+        try:
+            started = (await self._stub.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(
+                key=k, size=d.nbytes, checksum=_checksum(d), num_replicas=1) for k, d in zip(keys, datas)]),
+                timeout=RPC_TIMEOUT_S)).puts
+        except grpc.aio.AioRpcError as exc:
+            log.info("cache puts refused: %s", exc.details())
+            return 0
+        # Blocks that exist already (or did not fit) come back without replicas: nothing to write.
+        todo = [(k, d, p.replicas[0]) for k, d, p in zip(keys, datas, started) if p.replicas]
+        if not todo:
+            return 0
+        locals_ = [self.transfer.register(d, read_only=True) for _, d, _ in todo]
+        try:
+            statuses = await self.transfer.wait(await self.transfer.submit([
+                TransferRequest(Op.WRITE, local, 0, r.segment, r.buffer_id, r.offset, d.nbytes)
+                for local, (_, d, r) in zip(locals_, todo)]))
+        finally:
+            for local in locals_:
                 self.transfer.unregister(local)
+        written = [k for (k, _, _), st in zip(todo, statuses) if st.status == Status.COMPLETED]
+        failed = [k for (k, _, _), st in zip(todo, statuses) if st.status != Status.COMPLETED]
+        try:
+            if written:
+                await self._stub.BatchPutEnd(pb.KeysRequest(keys=written), timeout=RPC_TIMEOUT_S)
+            if failed:
+                log.warning("%d KV blocks could not be written to the pool; revoked", len(failed))
+                await self._stub.BatchPutRevoke(pb.KeysRequest(keys=failed), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("finishing cache puts failed: %s", exc.code().name)
+            return 0
+        num_stored = len(written)
         return num_stored
 
 
