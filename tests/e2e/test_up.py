@@ -290,22 +290,32 @@ async def test_prefix_reuse_through_the_pool_is_exact_and_reported(demo_up, demo
         assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (len(ids) - 1) // block * block
 
-        messages = [{"role": "system", "content": "You are the pool's chronicler. " * 4},
+        # A long shared system prompt, as in production chat: every later turn reuses it and the turns so far.
+        messages = [{"role": "system", "content": "You are the pool's chronicler. " * 40},
                     {"role": "user", "content": "Tell me about block keys."}]
         for turn in range(3):
             started = time.monotonic()
-            r = await client.post("/v1/chat/completions", json={"model": "demo", "messages": messages,
-                                                                "max_tokens": 8, "temperature": 0})
-            elapsed = time.monotonic() - started
-            body = r.json()
-            cached = body["usage"]["prompt_tokens_details"]["cached_tokens"]
-            logging.getLogger(__name__).info("turn %d: %d prompt tokens, %d cached, %.3fs", turn,
-                                             body["usage"]["prompt_tokens"], cached, elapsed)
+            ttft, content, usage = None, "", None
+            async with client.stream("POST", "/v1/chat/completions", json={
+                    "model": "demo", "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        ttft = ttft if ttft is not None else time.monotonic() - started
+                        content += chunk["choices"][0]["delta"]["content"]
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+            cached = usage["prompt_tokens_details"]["cached_tokens"]
+            logging.getLogger(__name__).info("turn %d: %d prompt tokens, %d cached, TTFT %.3fs", turn,
+                                             usage["prompt_tokens"], cached, ttft or -1.0)
             chat_ids = tokenizer.encode_chat(messages)
-            assert body["choices"][0]["message"]["content"] == tokenizer.decode(
-                reference_ids(model, tokenizer, chat_ids, 8))
+            assert content == tokenizer.decode(reference_ids(model, tokenizer, chat_ids, 8))
             if turn > 0:
-                assert cached >= block  # every turn after the first reuses the conversation so far
-            messages += [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                # Every turn after the first reuses the conversation so far (all its full blocks but the last).
+                assert cached >= (len(chat_ids) - 64) // block * block - block
+            messages += [{"role": "assistant", "content": content},
                          {"role": "user", "content": f"And then? ({turn})"}]
             await asyncio.sleep(1.0)
