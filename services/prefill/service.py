@@ -61,6 +61,9 @@ class PrefillService:
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
         self.transfer: TransferEngine | None = None
         self.cache: PrefixCache | None = None
+        # Cachestore whose API `cache` uses.
+        self._cachestore_id = ""
+        # Background stores of new KV blocks, awaited (briefly) on shutdown.
         self._stores: set[asyncio.Task] = set()
         # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
         self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
@@ -114,8 +117,6 @@ class PrefillService:
             log.info("using cachestore %s at %s", beat.instance_id, beat.grpc_address)
             self._cachestore_id = beat.instance_id
             self.cache.use(beat.grpc_address)
-
-    _cachestore_id = ""
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)

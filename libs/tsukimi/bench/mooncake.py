@@ -216,7 +216,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """SIGTERM the process group (the target exits cleanly on it), SIGKILL after `grace_s`."""
     if proc.poll() is not None:
         return
@@ -232,7 +232,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
-def _tail(path: Path, n: int = 2000) -> str:
+def tail_of(path: Path, n: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
     except OSError:
@@ -307,7 +307,7 @@ def run_mooncake_bench(
             rpc_port = _wait_for_target(target, target_log, startup_timeout_s)
             time.sleep(settle_s)
             if target.poll() is not None:
-                raise MooncakeBenchError(f"target exited with {target.returncode}:\n{_tail(target_log)}")
+                raise MooncakeBenchError(f"target exited with {target.returncode}:\n{tail_of(target_log)}")
             segment_id = f"127.0.0.1:{rpc_port}"
             cmd = [
                 str(binary),
@@ -336,7 +336,7 @@ def run_mooncake_bench(
             try:
                 output, _ = initiator.communicate(timeout=duration_s + 60)
             except subprocess.TimeoutExpired:
-                _stop(initiator)
+                stop_group(initiator)
                 output, _ = initiator.communicate()
                 raise MooncakeBenchError(
                     f"initiator did not finish in {duration_s + 60} s:\n{output[-2000:]}"
@@ -344,7 +344,7 @@ def run_mooncake_bench(
             if initiator.returncode != 0:
                 raise MooncakeBenchError(
                     f"initiator exited with {initiator.returncode}:\n{output[-2000:]}\n"
-                    f"--- target log ---\n{_tail(target_log)}"
+                    f"--- target log ---\n{tail_of(target_log)}"
                 )
             parsed = parse_throughput(output)
             if parsed is None:
@@ -353,8 +353,8 @@ def run_mooncake_bench(
                 )
         finally:
             if initiator is not None:
-                _stop(initiator)
-            _stop(target)
+                stop_group(initiator)
+            stop_group(target)
     moved = parsed["batch_count"] * batch_size * block_size
     return {
         "system": "mooncake",

@@ -72,6 +72,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from tsukimi.bench.mooncake import stop_group, tail_of
 from typing import Iterable, Sequence
 
 SYSTEM = "mooncake-store"
@@ -381,29 +383,6 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, SIGKILL it after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)  # started with start_new_session: pgid == pid
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 def _wait_for_master(proc: subprocess.Popen, log: Path, http_metadata: bool, timeout_s: float) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -494,20 +473,20 @@ def run_mooncake_store_ops(
                 rc = worker.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 raise MooncakeStoreBenchError(
-                    f"store worker did not finish in {timeout:.0f} s:\n{_tail(worker_log)}"
+                    f"store worker did not finish in {timeout:.0f} s:\n{tail_of(worker_log)}"
                 )
             results = json.loads(result_file.read_text()) if result_file.exists() else None
             if isinstance(results, dict) and "error" in results:
                 raise MooncakeStoreBenchError(
-                    f"store worker failed: {results['error']}\n--- worker log ---\n{_tail(worker_log)}"
-                    f"\n--- master log ---\n{_tail(master_log, 1000)}"
+                    f"store worker failed: {results['error']}\n--- worker log ---\n{tail_of(worker_log)}"
+                    f"\n--- master log ---\n{tail_of(master_log, 1000)}"
                 )
             if rc != 0 and not results:
                 raise MooncakeStoreBenchError(
-                    f"store worker exited with {rc}:\n{_tail(worker_log)}\n--- master log ---\n{_tail(master_log, 1000)}"
+                    f"store worker exited with {rc}:\n{tail_of(worker_log)}\n--- master log ---\n{tail_of(master_log, 1000)}"
                 )
             if not isinstance(results, list):
-                raise MooncakeStoreBenchError(f"store worker wrote no results (rc {rc}):\n{_tail(worker_log)}")
+                raise MooncakeStoreBenchError(f"store worker wrote no results (rc {rc}):\n{tail_of(worker_log)}")
             segment, local = segment_sizes(block_size, num_blocks, bsize, api)
             for r in results:
                 r.update(
@@ -524,13 +503,13 @@ def run_mooncake_store_ops(
             return results
         finally:
             if worker is not None:
-                _stop(worker)
-            _stop(master)
+                stop_group(worker)
+            stop_group(master)
 
 
 def _memcpy_log_line(worker_log: Path) -> str | None:
     """The client's MC_STORE_MEMCPY decision as logged (tells whether local objects bypass TCP)."""
-    for line in _tail(worker_log, 200_000).splitlines():
+    for line in tail_of(worker_log, 200_000).splitlines():
         if "MC_STORE_MEMCPY" in line or ("transfer_task.cpp" in line and "memcpy" in line.lower()):
             return line.split("] ", 1)[-1].strip()
     return None

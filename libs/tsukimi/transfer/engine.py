@@ -21,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.transfer.batch import Batch, Op, RequestStatus, Status, TransferRequest, check_range, cut
 from tsukimi.transfer.descriptor import BufferDescriptor, SegmentDescriptor, local_host_id
-from tsukimi.transfer.memory import SharedRegion, as_byte_view, sweep_orphans
+from tsukimi.transfer.memory import SharedRegion, as_byte_view, pid_alive, sweep_orphans
 from tsukimi.transfer.metadata import MetadataStore
 from tsukimi.transfer.rdma import MemoryRegion, RdmaError, RdmaUnavailable
 from tsukimi.transfer.rdma_peer import RdmaHost, RdmaPeer
@@ -387,7 +387,7 @@ class TransferEngine:
             if not transport:
                 batch.fail(index, f"no transport reaches {request.segment}: {why}")
                 continue
-            if transport == "shm" and not alive.setdefault(descriptor.pid, _pid_alive(descriptor.pid)):
+            if transport == "shm" and not alive.setdefault(descriptor.pid, pid_alive(descriptor.pid)):
                 self._drop_peer(request.segment)
                 batch.fail(index, f"segment {request.segment}'s process {descriptor.pid} is gone")
                 continue
@@ -544,13 +544,3 @@ class TransferEngine:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -105,7 +105,7 @@ def sweep_orphans(prefix: str = "tsukimi") -> list[str]:
         parts = name.split("-")
         if len(parts) != 3 or parts[0] != prefix or not parts[1].isdigit():
             continue
-        if not _is_alive(int(parts[1])):
+        if not pid_alive(int(parts[1])):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
@@ -114,7 +114,8 @@ def sweep_orphans(prefix: str = "tsukimi") -> list[str]:
     return removed
 
 
-def _is_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while process `pid` exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
