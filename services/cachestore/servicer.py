@@ -98,6 +98,16 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self._export()
         return pb.RemoveReply(removed=removed)
 
+    async def DropReplica(self, request, context):
+        r = request.replica
+        try:
+            self.master.drop_replica(request.key, Replica(r.instance_id, r.tier, r.offset, r.size))
+        except PoolError:
+            pass  # NOTE: already gone.
+        EVICTIONS.labels("bad_replica").inc()
+        self._export()
+        return pb.Empty()
+
     async def Stats(self, request, context):
         return pb.StatsReply(num_blocks=self.master.num_blocks, dram_capacity=self.dram_capacity,
                              dram_used=self.master.dram_used(), hits=self.num_hits, misses=self.num_misses,

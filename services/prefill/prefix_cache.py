@@ -94,11 +94,19 @@ class PrefixCache:
             block = staging[i * size:(i + 1) * size]
             if st.status != Status.COMPLETED or _checksum(block) != gets[i].checksum:
                 log.warning("cached block %d unusable (%s); using %d blocks", i, st.error or "checksum", good)
+                if st.status == Status.COMPLETED:
+                    await self._drop(keys[i], gets[i].replicas[0])  # a miss, and that copy is bad
                 break
             good += 1
         if good == 0:
             return None
         return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(good)])
+
+    async def _drop(self, key: bytes, replica) -> None:
+        try:
+            await self._stub.DropReplica(pb.DropReplicaRequest(key=key, replica=replica), timeout=RPC_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            pass
 
     async def _release(self, keys, gets) -> None:
         releases = [pb.ReleaseRequest(key=k, lease_id=g.lease_id) for k, g in zip(keys, gets) if g.found]

@@ -96,12 +96,14 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
         assert beat.grpc_address == f"127.0.0.1:{grpc_port}" and beat.kv_segment == instance_id
 
         await _put_and_get_a_block_through_the_pool(nc, beat)
+        await _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat)
 
         async with httpx.AsyncClient(timeout=2.0) as client:
             metrics = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metrics.status_code == 200
         assert "tsukimi_cachestore_up 1.0" in metrics.text
-        assert "tsukimi_cachestore_hits_total 1.0" in metrics.text
+        assert "tsukimi_cachestore_hits_total" in metrics.text
+        assert 'tsukimi_cachestore_evictions_total{outcome="bad_replica"} 1.0' in metrics.text
 
         proc.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(proc.wait, EXIT_TIMEOUT_S)
@@ -158,4 +160,48 @@ async def _put_and_get_a_block_through_the_pool(nc, beat: Heartbeat) -> None:
             stats = await stub.Stats(pb.Empty())
             assert (stats.hits, stats.misses, stats.num_blocks) == (1, 2, 0)
     finally:
+        await engine.close()
+
+
+async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbeat) -> None:
+    """Prefill's pool client: blocks it stores load back; a block whose bytes no longer match its checksum
+    ends the usable prefix there and is dropped from the pool."""
+    import uuid
+
+    import numpy as np
+    import torch
+
+    from tsukimi.common.block_keys import block_keys
+    from tsukimi.common.messages import KVLayout
+    from tsukimi.prefill.prefix_cache import PrefixCache
+    from tsukimi.proto import cachestore_pb2 as pb
+    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+    from tsukimi.transfer.engine import TransferEngine
+    from tsukimi.transfer.metadata import NatsMetadataStore
+
+    engine = await TransferEngine("prefill-" + uuid.uuid4().hex[:6], SECRET, NatsMetadataStore(nc)).start()
+    cache = PrefixCache(engine, "demo", block_tokens=4)
+    cache.use(beat.grpc_address)
+    layout = KVLayout(num_layers=2, num_kv_heads=1, seq_len=4, head_dim=8, dtype="float32")
+    prompt = list(range(13))  # 3 full blocks + 1 token
+    kv = [(torch.randn(1, 1, 13, 8), torch.randn(1, 1, 13, 8)) for _ in range(2)]
+    try:
+        assert await cache.store(prompt, kv, num_cached_blocks=0) == 3
+        loaded = await cache.load(prompt, layout)
+        assert loaded[0][0].shape[2] == 12 and torch.equal(loaded[1][1], kv[1][1][:, :, :12])
+        # Corrupt the second block in the pool's memory (a one-sided write, as a failing disk or bug would).
+        keys = block_keys(prompt, 4, "demo")
+        async with grpc.aio.insecure_channel(beat.grpc_address) as channel:
+            stub = pb_grpc.CacheStoreStub(channel)
+            got = await stub.Get(pb.KeyRequest(key=keys[1]))
+            garbage = engine.register(np.full(layout.num_bytes, 7, dtype=np.uint8), read_only=True)
+            r = got.replicas[0]
+            await engine.write(garbage, 0, r.segment, r.buffer_id, r.offset, layout.num_bytes)
+            await stub.Release(pb.ReleaseRequest(key=keys[1], lease_id=got.lease_id))
+            loaded = await cache.load(prompt, layout)
+            assert loaded[0][0].shape[2] == 4  # only the block before the bad one
+            assert (await stub.Lookup(pb.LookupRequest(keys=keys))).num_leading == 1
+            assert not (await stub.Get(pb.KeyRequest(key=keys[1]))).found
+    finally:
+        await cache.close()
         await engine.close()

@@ -69,6 +69,11 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.RemoveReply.FromString,
                 _registered_method=True)
+        self.DropReplica = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/DropReplica',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.DropReplicaRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/tsukimi.cachestore.v1.CacheStore/Stats',
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
@@ -146,6 +151,12 @@ class CacheStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Remove(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropReplica(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -230,6 +241,11 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.Remove,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.RemoveReply.SerializeToString,
+            ),
+            'DropReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropReplica,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.DropReplicaRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -456,6 +472,33 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/Remove',
             tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.RemoveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/DropReplica',
+            tsukimi_dot_proto_dot_cachestore__pb2.DropReplicaRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
