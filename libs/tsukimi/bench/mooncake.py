@@ -152,31 +152,37 @@ def loader_error(output: str) -> str | None:
 # ---------------------------------------------------------------- locating the binary
 
 
-def find_bench_binary() -> Path:
-    """Path of `transfer_engine_bench`: $TSUKIMI_MOONCAKE_BENCH, else the one in the mooncake wheel.
+def find_wheel_binary(name: str, env_var: str, unavailable: type[Exception] = None) -> Path:
+    """Path of the executable `name`: $`env_var` when set, else the one shipped in the mooncake wheel.
 
-    Raises MooncakeUnavailable when neither exists. Does not import `mooncake` (its extension
-    modules need the same system libraries)."""
-    override = os.environ.get(ENV_BINARY)
+    Raises `unavailable` (default MooncakeUnavailable) when neither exists. Does not import `mooncake` (its
+    extension modules need the same system libraries)."""
+    unavailable = unavailable or MooncakeUnavailable
+    override = os.environ.get(env_var)
     if override:
         path = Path(override)
         if not path.is_file():
-            raise MooncakeUnavailable(f"${ENV_BINARY}={override} is not a file")
+            raise unavailable(f"${env_var}={override} is not a file")
         return path
     try:
         spec = importlib.util.find_spec("mooncake")
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise MooncakeUnavailable(f"Python package 'mooncake' not installed ({WHEEL}); {INSTALL_HINT}")
+        raise unavailable(f"Python package 'mooncake' not installed ({WHEEL}); {INSTALL_HINT}")
     for location in spec.submodule_search_locations:
-        path = Path(location) / BINARY_NAME
+        path = Path(location) / name
         if path.is_file():
             return path
-    raise MooncakeUnavailable(
-        f"{BINARY_NAME} not found in {list(spec.submodule_search_locations)} "
+    raise unavailable(
+        f"{name} not found in {list(spec.submodule_search_locations)} "
         f"(is the installed mooncake a wheel that ships it? expected {WHEEL}); {INSTALL_HINT}"
     )
+
+
+def find_bench_binary() -> Path:
+    """Path of `transfer_engine_bench`: $TSUKIMI_MOONCAKE_BENCH, else the one in the mooncake wheel."""
+    return find_wheel_binary(BINARY_NAME, ENV_BINARY)
 
 
 def check_binary(path: Path) -> None:

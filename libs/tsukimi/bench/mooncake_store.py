@@ -73,14 +73,12 @@ import time
 import uuid
 from pathlib import Path
 
-from tsukimi.bench.mooncake import stop_group, tail_of
+from tsukimi.bench.mooncake import INSTALL_HINT, WHEEL, find_wheel_binary, stop_group, tail_of
 from typing import Iterable, Sequence
 
 SYSTEM = "mooncake-store"
 MASTER_BINARY = "mooncake_master"
 ENV_MASTER = "TSUKIMI_MOONCAKE_MASTER"  # optional override: path to a mooncake_master binary
-WHEEL = "mooncake-transfer-engine-non-cuda"
-INSTALL_HINT = f"run scripts/install-mooncake-bench.sh (apt: libibverbs1 librdmacm1 libnuma1; pip: {WHEEL})"
 OPS = ("put", "get")
 APIS = ("bytes", "buffer")
 METADATA_MODES = ("http", "p2p")
@@ -316,30 +314,13 @@ def check_status(what: str, status) -> None:
 
 def find_master_binary() -> Path:
     """Path of `mooncake_master`: $TSUKIMI_MOONCAKE_MASTER, else the one in the mooncake wheel."""
-    override = os.environ.get(ENV_MASTER)
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise MooncakeStoreUnavailable(f"${ENV_MASTER}={override} is not a file")
-        return path
-    try:
-        spec = importlib.util.find_spec("mooncake")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MooncakeStoreUnavailable(f"Python package 'mooncake' not installed ({WHEEL}); {INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / MASTER_BINARY
-        if path.is_file():
-            if not os.access(path, os.X_OK):
-                try:
-                    path.chmod(path.stat().st_mode | 0o111)
-                except OSError as exc:
-                    raise MooncakeStoreUnavailable(f"{path} is not executable: {exc}") from exc
-            return path
-    raise MooncakeStoreUnavailable(
-        f"{MASTER_BINARY} not found in {list(spec.submodule_search_locations)}; {INSTALL_HINT}"
-    )
+    path = find_wheel_binary(MASTER_BINARY, ENV_MASTER, MooncakeStoreUnavailable)
+    if not os.access(path, os.X_OK):
+        try:
+            path.chmod(path.stat().st_mode | 0o111)
+        except OSError as exc:
+            raise MooncakeStoreUnavailable(f"{path} is not executable: {exc}") from exc
+    return path
 
 
 def check_store_module(python: str = sys.executable) -> None:
