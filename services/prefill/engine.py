@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from tsukimi.common.messages import KVLayout
+from tsukimi.model.kv import dtype_name
 
 
 @dataclass
@@ -31,10 +32,8 @@ class PrefillEngine:
         config = self.model.config.get_text_config(decoder=True)
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
-            next(self.model.parameters()).dtype]
         return KVLayout(config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
-                        block_tokens, head_dim, dtype)
+                        block_tokens, head_dim, dtype_name(next(self.model.parameters()).dtype))
 
     @torch.inference_mode()
     def run(self, prompt_token_ids: list[int], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None

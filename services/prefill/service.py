@@ -211,15 +211,8 @@ class PrefillService:
         rid = task.request.request_id
         layout, flat = pack(kv)
         started = time.perf_counter()
-        try:
-            reply = await self.nc.request(subjects.decode_reserve(task.decode_id),
-                                          encode(KVReserve(request_id=rid, num_bytes=layout.num_bytes)),
-                                          timeout=self.settings.dispatch_timeout_s)
-            reservation = decode(reply.data, KVReservation)
-        except Exception as exc:
-            reservation = KVReservation(is_accepted=False, error=ErrorInfo(
-                message=f"decode worker {task.decode_id} did not answer: {exc!r}", type="service_unavailable",
-                code="decode_unavailable", http_status=503))
+        reservation = await self._ask_decode(task.decode_id, subjects.decode_reserve(task.decode_id),
+                                             KVReserve(request_id=rid, num_bytes=layout.num_bytes), KVReservation)
         if not reservation.is_accepted:
             OUTCOMES.labels("reserve_failed").inc()
             if rid not in self.cancelled:
@@ -242,20 +235,23 @@ class PrefillService:
         TRANSFER_BYTES.inc(layout.num_bytes)
         handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=layout.seq_len,
                              kv_layout=layout)
-        try:
-            reply = await self.nc.request(subjects.decode_tasks(task.decode_id), encode(handoff),
-                                          timeout=self.settings.dispatch_timeout_s)
-            ack = decode(reply.data, TaskAck)
-        except Exception as exc:
-            ack = TaskAck(is_accepted=False, error=ErrorInfo(
-                message=f"decode worker {task.decode_id} did not answer: {exc!r}", type="service_unavailable",
-                code="decode_unavailable", http_status=503))
+        ack = await self._ask_decode(task.decode_id, subjects.decode_tasks(task.decode_id), handoff, TaskAck)
         if not ack.is_accepted:
             OUTCOMES.labels("handoff_failed").inc()
             if rid not in self.cancelled:
                 await self._emit(TokenEvent(request_id=rid, index=1, error=ack.error))
             return
         OUTCOMES.labels("handed_over").inc()
+
+    async def _ask_decode(self, decode_id: str, subject: str, message, reply_type):
+        """The decode worker's reply to `message`, or a refusal of `reply_type` when it does not answer."""
+        try:
+            reply = await self.nc.request(subject, encode(message), timeout=self.settings.dispatch_timeout_s)
+            return decode(reply.data, reply_type)
+        except Exception as exc:
+            return reply_type(is_accepted=False, error=ErrorInfo(
+                message=f"decode worker {decode_id} did not answer: {exc!r}", type="service_unavailable",
+                code="decode_unavailable", http_status=503))
 
     def _store_later(self, prompt: list[int], kv, num_cached: int) -> None:
         """Writes the prompt's new full blocks to the pool in the background (the next prompt needs no wait)."""

@@ -14,11 +14,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The KVLayout name of a torch dtype."""
+    return next(name for name, t in _DTYPES.items() if t == dtype)
+
+
 def layout_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVLayout:
     """Layout of per-layer (K, V) tensors of shape [1, heads, seq, dim]."""
     k = layers[0][0]
-    dtype = next(name for name, t in _DTYPES.items() if t == k.dtype)
-    return KVLayout(len(layers), k.shape[1], k.shape[2], k.shape[3], dtype)
+    return KVLayout(len(layers), k.shape[1], k.shape[2], k.shape[3], dtype_name(k.dtype))
 
 
 def pack(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[KVLayout, torch.Tensor]:
