@@ -77,6 +77,8 @@ class PoolMaster:
         self._clock = clock
         self._tiers: dict[tuple[str, str], _Tier] = {}
         self._blocks: dict[bytes, Block] = {}
+        # Blocks with at least one lease: the only ones `_expire` has to look at.
+        self._leased: dict[bytes, Block] = {}
         self._lease_ids = itertools.count(1)
 
     # ---- instances ---------------------------------------------------------------------------------------
@@ -96,6 +98,7 @@ class PoolMaster:
             block.replicas = [r for r in block.replicas if r.instance_id != instance_id]
             if not block.replicas:
                 del self._blocks[key]
+                self._leased.pop(key, None)
                 lost.append(key)
         return lost
 
@@ -194,6 +197,7 @@ class PoolMaster:
             for replica in block.replicas:
                 self._tiers[(replica.instance_id, replica.tier)].lru.pin(key)
         block.leases[lease] = self._clock() + self.lease_s
+        self._leased[key] = block
         for replica in block.replicas:
             self._tiers[(replica.instance_id, replica.tier)].lru.match_prefix([key])
         return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)), lease
@@ -203,6 +207,7 @@ class PoolMaster:
         block = self._blocks.get(key)
         if block is not None and block.leases.pop(lease, None) is not None and not block.leases:
             self._unpin(block)
+            self._leased.pop(key, None)
 
     def drop_replica(self, key: bytes, replica: Replica) -> None:
         """A replica failed its checksum (or its instance lost it): forget it."""
@@ -217,6 +222,7 @@ class PoolMaster:
                 tier.allocator.free(replica.offset)
         if not block.replicas:
             del self._blocks[key]
+            self._leased.pop(key, None)
 
     def remove(self, key: bytes) -> bool:
         """Deletes a block unless a reader holds a lease on it; True when removed."""
@@ -290,9 +296,9 @@ class PoolMaster:
 
     def _expire(self) -> None:
         now = self._clock()
-        for block in self._blocks.values():
-            if block.leases:
-                for lease in [lid for lid, until in block.leases.items() if until <= now]:
-                    del block.leases[lease]
-                if not block.leases:
-                    self._unpin(block)
+        for key, block in list(self._leased.items()):
+            for lease in [lid for lid, until in block.leases.items() if until <= now]:
+                del block.leases[lease]
+            if not block.leases:
+                self._unpin(block)
+                del self._leased[key]
