@@ -22,6 +22,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible API")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill worker processes")
     parser.add_argument("--decode", type=int, default=1, metavar="N", help="decode worker processes")
+    parser.add_argument("--cachestore", type=int, default=1, metavar="N",
+                        help="cachestore processes forming the KV cache pool (one is elected master)")
+    parser.add_argument("--cache-ssd-dir", default=None, metavar="DIR",
+                        help="give every cachestore an SSD tier in DIR/<name> (kept across restarts)")
     parser.add_argument("--nats-url", default=None, help="use this NATS server instead of an embedded one")
     parser.add_argument("--database-url", default=None,
                         help="SQLAlchemy URL of the conductor's journal (default: SQLite under ~/.cache/tsukimi)")
@@ -42,6 +46,8 @@ class Child:
     # `tsukimi` subcommand it runs.
     service: str
     process: subprocess.Popen
+    # Its environment (kept for restarts).
+    env: dict[str, str] = field(default_factory=dict)
     # Monotonic times of its restarts.
     restarts: list[float] = field(default_factory=list)
 
@@ -98,16 +104,16 @@ class Launcher:
         return subprocess.Popen([sys.executable, "-m", "tsukimi", service], env=env, preexec_fn=_die_with_parent)
 
     def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:
-        self.children.append(Child(name, service, self._start(service, env)))
+        self.children.append(Child(name, service, self._start(service, env), env))
 
-    def _restart(self, child: Child, env: dict[str, str]) -> bool:
+    def _restart(self, child: Child) -> bool:
         """Restarts a child that died while serving; False when it keeps dying."""
         now = time.monotonic()
         child.restarts = [t for t in child.restarts if now - t < RESTART_WINDOW_S] + [now]
         if len(child.restarts) > MAX_RESTARTS:
             return False
         _say(f"{child.name} exited with {child.process.returncode}; restarting it")
-        child.process = self._start(child.service, env)
+        child.process = self._start(child.service, child.env)
         return True
 
     def _on_signal(self, signum, frame) -> None:
@@ -115,8 +121,8 @@ class Launcher:
 
     def run(self) -> int:
         args = self.args
-        if args.prefill < 1 or args.decode < 1:
-            _say("--prefill and --decode need at least 1")
+        if args.prefill < 1 or args.decode < 1 or args.cachestore < 1:
+            _say("--prefill, --decode and --cachestore need at least 1")
             return 2
         if args.model != "demo" and not os.path.isdir(args.model):
             _say(f"--model must be 'demo' or a checkpoint directory; {args.model!r} is neither")
@@ -138,7 +144,12 @@ class Launcher:
             nats_url = self.nats.url
             _say(f"embedded NATS (JetStream) at {nats_url}")
         env = self._env(nats_url)
-        self._spawn("cachestore", "cachestore", env)
+        for i in range(args.cachestore):
+            name = "cachestore" if args.cachestore == 1 else f"cachestore-{i}"
+            child_env = dict(env)
+            if args.cache_ssd_dir:
+                child_env["TSUKIMI_CACHE_SSD_DIR"] = os.path.join(os.path.abspath(args.cache_ssd_dir), name)
+            self._spawn(name, "cachestore", child_env)
         self._spawn("conductor", "conductor", env)
         for i in range(args.prefill):
             self._spawn(f"prefill-{i}", "prefill", env)
@@ -161,7 +172,7 @@ class Launcher:
         _say(f"ready. API at {api}/v1 serving model {model} "
              f"({args.prefill} prefill, {args.decode} decode). Ctrl-C stops everything.")
         while self._stop_signal is None:
-            if (dead := self._dead_child()) is not None and not self._restart(dead, env):
+            if (dead := self._dead_child()) is not None and not self._restart(dead):
                 _say(f"{dead.name} died {MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:.0f}s; stopping everything")
                 return 1
             time.sleep(0.2)

@@ -8,6 +8,10 @@ engine between workers and the instances that contribute memory. Follows Mooncak
 - each instance's tier keeps its blocks in LRU order; past the high watermark the oldest unleased blocks are
   evicted, moving to the instance's SSD tier when it has one (the caller copies the bytes), else dropped;
 - an instance that goes away takes its replicas with it.
+
+Every replica that appears on or leaves a visible block is recorded as a `Change` (`take_changes`): the service
+turns them into data movements on the instances (SSD writes, promotions, copies, file deletions) and into the
+`BlockStored` / `BlockRemoved` events it publishes, in the order they happened.
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Change:
+    """A replica of a visible block appeared (`is_stored`) or went away. A stored replica whose bytes come from
+    another replica names it as `source` (demotion to SSD, promotion to DRAM, a raised replica count); the
+    instance holding `replica` must copy them before the operation's reply leaves."""
+
+    key: bytes
+    replica: Replica
+    is_stored: bool
+    source: Replica | None = None
+
+
+@dataclass(frozen=True)
 class Eviction:
     """A replica evicted from a tier; `demoted_to` is where its bytes must be copied (SSD), if anywhere."""
 
@@ -80,14 +96,35 @@ class PoolMaster:
         # Blocks with at least one lease: the only ones `_expire` has to look at.
         self._leased: dict[bytes, Block] = {}
         self._lease_ids = itertools.count(1)
+        self._changes: list[Change] = []
+        self.num_evictions = 0
 
     # ---- instances ---------------------------------------------------------------------------------------
 
-    def add_instance(self, instance_id: str, dram_bytes: int, ssd_bytes: int = 0) -> None:
-        """An instance contributes `dram_bytes` (and optionally `ssd_bytes`) to the pool."""
+    def add_instance(self, instance_id: str, dram_bytes: int, ssd_bytes: int = 0,
+                     ssd_blocks: list[tuple[bytes, int, str]] = ()) -> list[bytes]:
+        """An instance contributes `dram_bytes` (and optionally `ssd_bytes`) to the pool, with the blocks its SSD
+        tier already holds as (key, size, checksum); returns the keys of those it could not take (no room, or a
+        different size or checksum under the same key), which the instance should delete."""
         self._tiers[(instance_id, "dram")] = _Tier(dram_bytes, self._high_watermark, self._evict_share)
         if ssd_bytes:
             self._tiers[(instance_id, "ssd")] = _Tier(ssd_bytes, self._high_watermark, self._evict_share)
+        rejected = []
+        for key, size, checksum in ssd_blocks:
+            block = self._blocks.get(key)
+            tier = self._tiers.get((instance_id, "ssd"))
+            if tier is None or (block is not None and (block.size != size or block.checksum != checksum
+                                                       or not block.is_visible)):
+                rejected.append(key)
+                continue
+            offset = self._allocate(instance_id, "ssd", size)
+            if offset is None:
+                rejected.append(key)
+                continue
+            if block is None:
+                block = self._blocks[key] = Block(key, size, checksum, [], is_visible=True)
+            self._add_replica(block, Replica(instance_id, "ssd", offset, size))
+        return rejected
 
     def remove_instance(self, instance_id: str) -> list[bytes]:
         """Drops an instance and its replicas; returns the keys left with no replica (now gone)."""
@@ -95,7 +132,9 @@ class PoolMaster:
             self._tiers.pop((instance_id, tier), None)
         lost = []
         for key, block in list(self._blocks.items()):
-            block.replicas = [r for r in block.replicas if r.instance_id != instance_id]
+            for replica in [r for r in block.replicas if r.instance_id == instance_id]:
+                block.replicas.remove(replica)
+                self._record(block, replica, is_stored=False)
             if not block.replicas:
                 del self._blocks[key]
                 self._leased.pop(key, None)
@@ -110,12 +149,36 @@ class PoolMaster:
         """Bytes of DRAM held by indexed (visible) blocks, all instances."""
         return sum(t.lru.used for (_, tier), t in self._tiers.items() if tier == "dram")
 
+    def tier_usage(self) -> list[tuple[str, str, int, int, int]]:
+        """(instance, tier, capacity bytes, used bytes, blocks) of every tier, used counting visible blocks."""
+        return [(iid, name, t.allocator.capacity, t.lru.used, len(t.lru))
+                for (iid, name), t in sorted(self._tiers.items())]
+
     def checksum(self, key: bytes) -> str:
         return self._require(key).checksum
+
+    def replicas(self, key: bytes) -> list[Replica]:
+        """Replicas of a block (DRAM first); [] when unknown."""
+        block = self._blocks.get(key)
+        return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)) if block else []
+
+    def has_replica(self, key: bytes, replica: Replica) -> bool:
+        block = self._blocks.get(key)
+        return block is not None and replica in block.replicas
 
     @property
     def instance_ids(self) -> list[str]:
         return sorted({iid for iid, _ in self._tiers})
+
+    def snapshot(self) -> list[tuple[bytes, str, str]]:
+        """(key, instance, tier) of every replica of every visible block."""
+        return [(key, r.instance_id, r.tier) for key, block in self._blocks.items() if block.is_visible
+                for r in block.replicas]
+
+    def take_changes(self) -> list[Change]:
+        """Changes recorded since the last call, oldest first."""
+        changes, self._changes = self._changes, []
+        return changes
 
     # ---- lookups -----------------------------------------------------------------------------------------
 
@@ -149,11 +212,8 @@ class PoolMaster:
         if key in self._blocks:
             return [], []
         evictions: list[Eviction] = []
-        candidates = sorted(
-            (iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude),
-            key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
         replicas = []
-        for iid in candidates:
+        for iid in self._dram_candidates(exclude):
             if len(replicas) == num_replicas:
                 break
             offset = self._allocate(iid, "dram", size, evictions)
@@ -171,7 +231,8 @@ class PoolMaster:
             return []
         block.is_visible = True
         evictions = []
-        for replica in block.replicas:
+        for replica in list(block.replicas):
+            self._record(block, replica, is_stored=True)
             evictions += self._index(key, replica)
         return evictions
 
@@ -209,20 +270,62 @@ class PoolMaster:
             self._unpin(block)
             self._leased.pop(key, None)
 
+    def promote(self, key: bytes) -> Replica | None:
+        """Gives an SSD-only visible block a DRAM replica on the instance holding it on SSD (evicting there if
+        needed); the change names the SSD replica as its source. Returns the new replica; None when the block
+        already is in DRAM, is unknown, or no DRAM could be freed."""
+        self._expire()
+        block = self._blocks.get(key)
+        if block is None or not block.is_visible or any(r.tier == "dram" for r in block.replicas):
+            return None
+        for source in list(block.replicas):
+            if (source.instance_id, "dram") not in self._tiers:
+                continue
+            ssd = self._tiers[(source.instance_id, "ssd")]
+            ssd.lru.pin(key)  # NOTE: the demotions that make room must not evict the very block being promoted.
+            try:
+                offset = self._allocate(source.instance_id, "dram", block.size, [])
+                if offset is None:
+                    continue
+                replica = Replica(source.instance_id, "dram", offset, block.size)
+                self._add_replica(block, replica, source)
+                return replica
+            finally:
+                ssd.lru.unpin(key)
+        return None
+
+    def change_replicas(self, key: bytes, num_replicas: int) -> list[Replica]:
+        """Raises or lowers how many instances hold the block in DRAM (at least 1): new replicas go to the
+        instances with most DRAM free and copy from an existing DRAM replica (their changes name it); extra
+        replicas go from the end of the list. Returns the block's DRAM replicas afterwards. Raises PoolError for
+        an unknown block, one without a DRAM replica (get it first), or lowering a leased block."""
+        self._expire()
+        block = self._require(key)
+        if not block.is_visible:
+            raise PoolError("block is still being written")
+        num_replicas = max(1, num_replicas)
+        drams = [r for r in block.replicas if r.tier == "dram"]
+        if not drams:
+            raise PoolError("block has no DRAM replica to copy from")
+        if num_replicas < len(drams):
+            if block.leases:
+                raise PoolError("block is leased to a reader: its replicas cannot be lowered now")
+            for replica in drams[num_replicas:]:
+                self._drop(block, replica)
+        held = {r.instance_id for r in drams}
+        for iid in self._dram_candidates(tuple(held)):
+            if len([r for r in block.replicas if r.tier == "dram"]) >= num_replicas:
+                break
+            offset = self._allocate(iid, "dram", block.size, [])
+            if offset is not None:
+                self._add_replica(block, Replica(iid, "dram", offset, block.size), drams[0])
+        return [r for r in block.replicas if r.tier == "dram"]
+
     def drop_replica(self, key: bytes, replica: Replica) -> None:
         """A replica failed its checksum (or its instance lost it): forget it."""
         block = self._require(key)
         if replica in block.replicas:
-            block.replicas.remove(replica)
-            tier = self._tiers.get((replica.instance_id, replica.tier))
-            if tier is not None:
-                if block.leases:
-                    tier.lru.unpin(key)
-                tier.lru.remove(key)
-                tier.allocator.free(replica.offset)
-        if not block.replicas:
-            del self._blocks[key]
-            self._leased.pop(key, None)
+            self._drop(block, replica)
 
     def remove(self, key: bytes) -> bool:
         """Deletes a block unless a reader holds a lease on it; True when removed."""
@@ -230,11 +333,8 @@ class PoolMaster:
         block = self._blocks.get(key)
         if block is None or block.leases or not block.is_visible:
             return False
-        for replica in block.replicas:
-            tier = self._tiers[(replica.instance_id, replica.tier)]
-            tier.lru.remove(key)
-            tier.allocator.free(replica.offset)
-        del self._blocks[key]
+        for replica in list(block.replicas):
+            self._drop(block, replica)
         return True
 
     # ---- internals ---------------------------------------------------------------------------------------
@@ -244,6 +344,38 @@ class PoolMaster:
         if block is None:
             raise PoolError("unknown block")
         return block
+
+    def _dram_candidates(self, exclude: tuple[str, ...]) -> list[str]:
+        """Instances with a DRAM tier, most free bytes first."""
+        return sorted((iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude),
+                      key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
+
+    def _record(self, block: Block, replica: Replica, is_stored: bool, source: Replica | None = None) -> None:
+        if block.is_visible:
+            self._changes.append(Change(block.key, replica, is_stored, source))
+
+    def _add_replica(self, block: Block, replica: Replica, source: Replica | None = None) -> list[Eviction]:
+        """Adds a replica to a visible block and indexes it (pinned when the block is leased)."""
+        block.replicas.append(replica)
+        self._record(block, replica, is_stored=True, source=source)
+        evictions = self._index(block.key, replica)
+        if block.leases and block.key in self._tiers[(replica.instance_id, replica.tier)].lru:
+            self._tiers[(replica.instance_id, replica.tier)].lru.pin(block.key)
+        return evictions
+
+    def _drop(self, block: Block, replica: Replica) -> None:
+        """Takes a replica out of its block, its tier's index and allocator; the block goes with its last one."""
+        block.replicas.remove(replica)
+        tier = self._tiers.get((replica.instance_id, replica.tier))
+        if tier is not None:
+            if block.leases and block.key in tier.lru:
+                tier.lru.unpin(block.key)
+            tier.lru.remove(block.key)
+            tier.allocator.free(replica.offset)
+        self._record(block, replica, is_stored=False)
+        if not block.replicas:
+            del self._blocks[block.key]
+            self._leased.pop(block.key, None)
 
     def _allocate(self, iid: str, tier_name: str, size: int, evictions: list[Eviction] | None = None
                   ) -> int | None:
@@ -273,19 +405,24 @@ class PoolMaster:
     def _evict(self, key: bytes, iid: str, tier_name: str) -> list[Eviction]:
         """Takes `key`'s replica out of a tier (already out of its LRU): DRAM demotes to the instance's SSD tier
         when there is one (which may evict there in turn); SSD drops."""
+        self.num_evictions += 1
         block = self._blocks[key]
         replica = next(r for r in block.replicas if r.instance_id == iid and r.tier == tier_name)
         self._tiers[(iid, tier_name)].allocator.free(replica.offset)
         block.replicas.remove(replica)
+        self._record(block, replica, is_stored=False)
         demoted, more = None, []
-        if tier_name == "dram" and (iid, "ssd") in self._tiers:
+        has_ssd_copy = any(r.instance_id == iid and r.tier == "ssd" for r in block.replicas)
+        if tier_name == "dram" and (iid, "ssd") in self._tiers and not has_ssd_copy:
             offset = self._allocate(iid, "ssd", block.size, more)
             if offset is not None:
                 demoted = Replica(iid, "ssd", offset, block.size)
                 block.replicas.append(demoted)
-                more += self._index(key, demoted)
+                self._record(block, demoted, is_stored=True, source=replica)
+                more += self._index(key, demoted)  # NOTE: a full SSD may evict this very block again.
         if not block.replicas:
-            del self._blocks[key]
+            self._blocks.pop(key, None)
+            self._leased.pop(key, None)
         return [Eviction(key, replica, demoted), *more]
 
     def _unpin(self, block: Block) -> None:

@@ -1,46 +1,74 @@
-"""The cachestore's gRPC API (`libs/tsukimi/proto/cachestore.proto`) over the pool master."""
+"""The cachestore's gRPC API (`libs/tsukimi/proto/cachestore.proto`) over the pool; answered by the master only."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import grpc
-from prometheus_client import Counter, Gauge
 
-from tsukimi.cachestore.master import PoolError, PoolMaster, Replica
+from tsukimi.cachestore import metrics
+from tsukimi.cachestore.master import PoolError, Replica
+from tsukimi.cachestore.pool import Pool, PutSpec
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-HITS = Counter("tsukimi_cachestore_hits_total", "Block gets that found the block")
-MISSES = Counter("tsukimi_cachestore_misses_total", "Block gets that did not")
-EVICTIONS = Counter("tsukimi_cachestore_evictions_total", "Replicas evicted, by what happened", ["outcome"])
-PUTS = Counter("tsukimi_cachestore_puts_total", "Two-phase puts by outcome", ["outcome"])
-DRAM_USED = Gauge("tsukimi_cachestore_dram_used_bytes", "DRAM bytes held by visible blocks")
+
+def _timed(method):
+    """Records the call's latency under its name; refuses calls while this instance is not the master."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        if self.pool is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"not the pool master{': ask ' + self.master_hint if self.master_hint else ''}")
+        started = time.perf_counter()
+        try:
+            return await method(self, request, context)
+        finally:
+            metrics.RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
+            self._export()
+
+    return wrapper
 
 
 class CacheStoreServicer(pb_grpc.CacheStoreServicer):
-    """Answers metadata calls; `segments` maps instance id -> (segment name, DRAM buffer id)."""
+    """Translates calls to `Pool` operations; `pool` is None while another instance is the master."""
 
-    def __init__(self, master: PoolMaster, segments: dict[str, tuple[str, int]], dram_capacity: int):
-        self.master = master
-        self.segments = segments
-        self.dram_capacity = dram_capacity
-        self.num_hits = self.num_misses = self.num_evictions = 0
+    def __init__(self, pool: Pool | None = None):
+        self.pool = pool
+        # Instance id of the master when it is not us (for the refusal message).
+        self.master_hint = ""
+        self._num_evictions = 0
 
     def _replica(self, r: Replica) -> pb.Replica:
-        segment, buffer_id = self.segments[r.instance_id]
-        return pb.Replica(instance_id=r.instance_id, segment=segment, buffer_id=buffer_id, tier=r.tier,
-                          offset=r.offset, size=r.size)
+        instance = self.pool.instances[r.instance_id]
+        return pb.Replica(instance_id=r.instance_id, segment=instance.segment, buffer_id=instance.buffer_id,
+                          tier=r.tier, offset=r.offset, size=r.size)
 
-    def _count_evictions(self, evictions) -> None:
-        for e in evictions:
-            EVICTIONS.labels("demoted" if e.demoted_to else "dropped").inc()
-        self.num_evictions += len(evictions)
+    def _export(self) -> None:
+        if self.pool is None:
+            return
+        master = self.pool.master
+        metrics.EVICTIONS.inc(master.num_evictions - self._num_evictions)
+        self._num_evictions = master.num_evictions
+        for iid, tier, capacity, used, num_blocks in master.tier_usage():
+            metrics.TIER_CAPACITY.labels(iid, tier).set(capacity)
+            metrics.TIER_USED.labels(iid, tier).set(used)
+            metrics.TIER_BLOCKS.labels(iid, tier).set(num_blocks)
 
+    def use(self, pool: Pool | None, master_hint: str = "") -> None:
+        """Starts (a new pool) or stops (None) answering as the master."""
+        self.pool, self.master_hint, self._num_evictions = pool, master_hint, 0
+
+    # ---- lookups -----------------------------------------------------------------------------------------
+
+    @_timed
     async def Lookup(self, request, context):
-        counts = self.master.lookup_prefix(list(request.keys))
+        counts = await self.pool.lookup(list(request.keys))
         reply = pb.LookupReply(num_leading=max((n for tiers in counts.values() for n in tiers.values()),
                                                default=0))
         for iid, tiers in counts.items():
@@ -48,117 +76,153 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                 reply.counts.append(pb.TierCount(instance_id=iid, tier=tier, num_blocks=n))
         return reply
 
+    @_timed
+    async def Exists(self, request, context):
+        return pb.ExistsReply(exists=(await self.pool.exists([request.key]))[0])
+
+    @_timed
+    async def BatchExists(self, request, context):
+        return pb.BatchExistsReply(exists=await self.pool.exists(list(request.keys)))
+
+    # ---- puts --------------------------------------------------------------------------------------------
+
+    async def _put_start(self, puts) -> list:
+        specs = []
+        for put in puts:
+            if not put.key or put.size <= 0:
+                raise ValueError("key and a positive size are required")
+            specs.append(PutSpec(put.key, put.size, put.checksum, put.num_replicas))
+        results = await self.pool.put_start(specs)
+        for result in results:
+            if isinstance(result, PoolError):
+                metrics.PUTS.labels("no_room").inc()
+        return results
+
+    @_timed
     async def PutStart(self, request, context):
-        if not request.key or request.size <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "key and a positive size are required")
         try:
-            replicas, evictions = self.master.put_start(request.key, request.size, request.checksum,
-                                                        max(1, request.num_replicas))
-        except PoolError as exc:
-            PUTS.labels("no_room").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        self._count_evictions(evictions)
-        return pb.PutStartReply(replicas=[self._replica(r) for r in replicas])
+            (result,) = await self._put_start([request])
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(result, PoolError):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(result))
+        return pb.PutStartReply(replicas=[self._replica(r) for r in result])
 
+    @_timed
+    async def BatchPutStart(self, request, context):
+        try:
+            results = await self._put_start(request.puts)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.BatchPutStartReply(puts=[
+            pb.PutStartReply(replicas=[] if isinstance(r, PoolError) else [self._replica(x) for x in r])
+            for r in results])
+
+    async def _put_end(self, keys: list[bytes]) -> list[int]:
+        sizes = await self.pool.put_end(keys)
+        metrics.PUTS.labels("visible").inc(sum(1 for s in sizes if s))
+        metrics.PUT_BYTES.inc(sum(sizes))
+        return sizes
+
+    @_timed
     async def PutEnd(self, request, context):
-        try:
-            self._count_evictions(self.master.put_end(request.key))
-        except PoolError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        PUTS.labels("visible").inc()
-        self._export()
+        if not (await self._put_end([request.key]))[0]:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown block (revoked or lost)")
         return pb.Empty()
 
+    @_timed
+    async def BatchPutEnd(self, request, context):
+        await self._put_end(list(request.keys))  # NOTE: a block lost meanwhile does not fail the others.
+        return pb.Empty()
+
+    @_timed
     async def PutRevoke(self, request, context):
-        try:
-            self.master.put_revoke(request.key)
-        except PoolError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        PUTS.labels("revoked").inc()
+        if not (await self.pool.put_revoke([request.key]))[0]:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown or already visible block")
+        metrics.PUTS.labels("revoked").inc()
         return pb.Empty()
 
+    @_timed
+    async def BatchPutRevoke(self, request, context):
+        metrics.PUTS.labels("revoked").inc(sum(await self.pool.put_revoke(list(request.keys))))
+        return pb.Empty()
+
+    # ---- gets --------------------------------------------------------------------------------------------
+
+    async def _get(self, keys: list[bytes]) -> list[pb.GetReply]:
+        replies = []
+        for found in await self.pool.get(keys):
+            if found is None:
+                metrics.MISSES.inc()
+                replies.append(pb.GetReply(found=False))
+                continue
+            replicas, lease, checksum = found
+            metrics.HITS.inc()
+            metrics.GET_BYTES.inc(replicas[0].size)
+            replies.append(pb.GetReply(found=True, replicas=[self._replica(r) for r in replicas], lease_id=lease,
+                                       checksum=checksum))
+        return replies
+
+    @_timed
     async def Get(self, request, context):
-        found = self.master.get(request.key)
-        if found is None:
-            self.num_misses += 1
-            MISSES.inc()
-            return pb.GetReply(found=False)
-        replicas, lease = found
-        self.num_hits += 1
-        HITS.inc()
-        return pb.GetReply(found=True, replicas=[self._replica(r) for r in replicas], lease_id=lease,
-                           checksum=self.master.checksum(request.key))
+        return (await self._get([request.key]))[0]
 
+    @_timed
+    async def BatchGet(self, request, context):
+        return pb.BatchGetReply(gets=await self._get(list(request.keys)))
+
+    @_timed
     async def Release(self, request, context):
-        self.master.release(request.key, request.lease_id)
+        await self.pool.release([(request.key, request.lease_id)])
         return pb.Empty()
 
-    async def Remove(self, request, context):
-        removed = self.master.remove(request.key)
-        self._export()
-        return pb.RemoveReply(removed=removed)
+    @_timed
+    async def BatchRelease(self, request, context):
+        await self.pool.release([(r.key, r.lease_id) for r in request.releases])
+        return pb.Empty()
 
+    # ---- removal and replicas ----------------------------------------------------------------------------
+
+    @_timed
+    async def Remove(self, request, context):
+        return pb.RemoveReply(removed=(await self.pool.remove([request.key]))[0])
+
+    @_timed
+    async def BatchRemove(self, request, context):
+        return pb.BatchRemoveReply(removed=await self.pool.remove(list(request.keys)))
+
+    @_timed
     async def DropReplica(self, request, context):
         r = request.replica
-        try:
-            self.master.drop_replica(request.key, Replica(r.instance_id, r.tier, r.offset, r.size))
-        except PoolError:
-            pass  # NOTE: already gone.
-        EVICTIONS.labels("bad_replica").inc()
-        self._export()
+        await self.pool.drop_replica(request.key, Replica(r.instance_id, r.tier, r.offset, r.size))
+        metrics.BAD_REPLICAS.inc()
         return pb.Empty()
 
+    async def _change(self, changes) -> list:
+        return await self.pool.change_replicas([(c.key, c.num_replicas) for c in changes])
+
+    @_timed
+    async def ChangeReplicas(self, request, context):
+        (result,) = await self._change([request])
+        if isinstance(result, PoolError):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(result))
+        return pb.ChangeReplicasReply(replicas=[self._replica(r) for r in result])
+
+    @_timed
+    async def BatchChangeReplicas(self, request, context):
+        results = await self._change(request.changes)
+        return pb.BatchChangeReplicasReply(changes=[
+            pb.ChangeReplicasReply(replicas=[] if isinstance(r, PoolError) else [self._replica(x) for x in r])
+            for r in results])
+
+    # ---- stats -------------------------------------------------------------------------------------------
+
+    @_timed
     async def Stats(self, request, context):
-        return pb.StatsReply(num_blocks=self.master.num_blocks, dram_capacity=self.dram_capacity,
-                             dram_used=self.master.dram_used(), hits=self.num_hits, misses=self.num_misses,
-                             evictions=self.num_evictions)
-
-    def _export(self) -> None:
-        DRAM_USED.set(self.master.dram_used())
-
-    # ---- batch forms -------------------------------------------------------------------------------------
-
-    async def BatchPutStart(self, request, context):
-        reply = pb.BatchPutStartReply()
-        for put in request.puts:
-            try:
-                replicas, evictions = self.master.put_start(put.key, put.size, put.checksum,
-                                                            max(1, put.num_replicas))
-                self._count_evictions(evictions)
-            except PoolError:
-                PUTS.labels("no_room").inc()
-                replicas = []
-            reply.puts.append(pb.PutStartReply(replicas=[self._replica(r) for r in replicas]))
-        return reply
-
-    async def BatchPutEnd(self, request, context):
-        for key in request.keys:
-            try:
-                self._count_evictions(self.master.put_end(key))
-                PUTS.labels("visible").inc()
-            except PoolError:
-                pass  # NOTE: revoked or lost meanwhile; the caller's other blocks still count.
-        self._export()
-        return pb.Empty()
-
-    async def BatchPutRevoke(self, request, context):
-        for key in request.keys:
-            try:
-                self.master.put_revoke(key)
-                PUTS.labels("revoked").inc()
-            except PoolError:
-                pass
-        return pb.Empty()
-
-    async def BatchGet(self, request, context):
-        return pb.BatchGetReply(gets=[await self.Get(pb.KeyRequest(key=k), context) for k in request.keys])
-
-    async def BatchRelease(self, request, context):
-        for release in request.releases:
-            self.master.release(release.key, release.lease_id)
-        return pb.Empty()
-
-    async def BatchRemove(self, request, context):
-        removed = [self.master.remove(k) for k in request.keys]
-        self._export()
-        return pb.BatchRemoveReply(removed=removed)
+        master = self.pool.master
+        tiers = [pb.TierStats(instance_id=iid, tier=tier, capacity=capacity, used=used, num_blocks=num_blocks)
+                 for iid, tier, capacity, used, num_blocks in master.tier_usage()]
+        return pb.StatsReply(num_blocks=master.num_blocks,
+                             dram_capacity=sum(t.capacity for t in tiers if t.tier == "dram"),
+                             dram_used=master.dram_used(), hits=self.pool.num_hits, misses=self.pool.num_misses,
+                             evictions=master.num_evictions, tiers=tiers)

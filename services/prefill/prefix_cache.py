@@ -7,13 +7,12 @@ the pool degrades to computing the whole prompt: the pool is an accelerator, nev
 from __future__ import annotations
 
 import logging
-import zlib
-
 import grpc
 import numpy as np
 import torch
 
 from tsukimi.common.block_keys import block_keys
+from tsukimi.common.checksum import block_checksum
 from tsukimi.common.messages import KVLayout
 from tsukimi.model.kv import join_blocks, layout_of, split_blocks
 from tsukimi.proto import cachestore_pb2 as pb
@@ -24,10 +23,6 @@ from tsukimi.transfer.engine import TransferEngine
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_S = 2.0
-
-
-def _checksum(data: np.ndarray) -> str:
-    return f"{zlib.crc32(data):08x}"
 
 
 class PrefixCache:
@@ -92,7 +87,7 @@ class PrefixCache:
         good = 0
         for i, st in enumerate(statuses):
             block = staging[i * size:(i + 1) * size]
-            if st.status != Status.COMPLETED or _checksum(block) != gets[i].checksum:
+            if st.status != Status.COMPLETED or block_checksum(block) != gets[i].checksum:
                 log.warning("cached block %d unusable (%s); using %d blocks", i, st.error or "checksum", good)
                 if st.status == Status.COMPLETED:
                     await self._drop(keys[i], gets[i].replicas[0])  # a miss, and that copy is bad
@@ -128,7 +123,7 @@ class PrefixCache:
         datas = [block.numpy() for block in blocks]
         try:
             started = (await self._stub.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(
-                key=k, size=d.nbytes, checksum=_checksum(d), num_replicas=1) for k, d in zip(keys, datas)]),
+                key=k, size=d.nbytes, checksum=block_checksum(d), num_replicas=1) for k, d in zip(keys, datas)]),
                 timeout=RPC_TIMEOUT_S)).puts
         except grpc.aio.AioRpcError as exc:
             log.info("cache puts refused: %s", exc.details())

@@ -109,14 +109,19 @@ class PrefillService:
             beat = decode(msg.data, Heartbeat)
         except msgspec.ValidationError:
             return
-        if beat.is_leaving:
-            if self.cache.is_available and self._cachestore_id == beat.instance_id:
-                log.info("cachestore %s left; prefix reuse off until another one appears", beat.instance_id)
-                self.cache.use("")
-        elif not self.cache.is_available and beat.grpc_address:
-            log.info("using cachestore %s at %s", beat.instance_id, beat.grpc_address)
-            self._cachestore_id = beat.instance_id
-            self.cache.use(beat.grpc_address)
+        # NOTE: metadata calls go to the pool's master; any instance may become it (another takes over when the
+        # master dies), so follow whichever says it is.
+        is_current = self._cachestore_id == beat.instance_id
+        if beat.is_pool_master and beat.grpc_address and not beat.is_leaving:
+            if not is_current or not self.cache.is_available:
+                log.info("using the cache pool master %s at %s", beat.instance_id, beat.grpc_address)
+                self._cachestore_id = beat.instance_id
+                self.cache.use(beat.grpc_address)
+        elif is_current and self.cache.is_available:
+            log.info("cachestore %s is no longer the pool master; prefix reuse off until a master speaks",
+                     beat.instance_id)
+            self._cachestore_id = ""
+            self.cache.use("")
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)

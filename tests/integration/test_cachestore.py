@@ -15,6 +15,7 @@ import httpx
 import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tsukimi.common import subjects
 from tsukimi.common.messages import Heartbeat, decode
@@ -73,6 +74,7 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
         TSUKIMI_HEARTBEAT_INTERVAL_S="0.2",
         TSUKIMI_CLUSTER_SECRET=SECRET.decode(),
         TSUKIMI_CACHE_DRAM_BYTES=str(16 << 20),
+        TSUKIMI_CACHE_POOL=instance_id,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tsukimi", "cachestore"],
@@ -87,6 +89,8 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
 
         beat = await _next_beat(beats, 5.0, is_leaving=False)
         assert beat.kind == "cachestore" and beat.instance_id == instance_id
+        while not beat.is_pool_master:  # alone, it wins the election at once
+            beat = await _next_beat(beats, 5.0, is_leaving=False)
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
@@ -103,7 +107,11 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
         assert metrics.status_code == 200
         assert "tsukimi_cachestore_up 1.0" in metrics.text
         assert "tsukimi_cachestore_hits_total" in metrics.text
-        assert 'tsukimi_cachestore_evictions_total{outcome="bad_replica"} 1.0' in metrics.text
+        assert "tsukimi_cachestore_bad_replicas_total 1.0" in metrics.text
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(metrics.text) for s in family.samples}
+        assert samples[("tsukimi_cachestore_tier_capacity_bytes", (("instance", instance_id), ("tier", "dram")))] \
+            == 16 << 20
 
         proc.send_signal(signal.SIGTERM)
         returncode = await asyncio.to_thread(proc.wait, EXIT_TIMEOUT_S)

@@ -99,3 +99,95 @@ def test_full_tier_evicts_to_make_room_for_a_put():
     put(m, K[1], 128)
     replicas, evictions = m.put_start(K[2], 128, "crc")
     assert replicas == [Replica("a", "dram", 0, 128)] and [e.key for e in evictions] == [K[0]]
+
+
+def changes(m):
+    return [(c.key, c.replica.instance_id, c.replica.tier, c.is_stored, c.source and c.source.tier)
+            for c in m.take_changes()]
+
+
+def test_changes_record_every_replica_of_visible_blocks_in_order():
+    m = PoolMaster(high_watermark=0.9, evict_share=0.4)
+    m.add_instance("a", dram_bytes=256, ssd_bytes=256)
+    m.put_start(K[0], 128, "crc")
+    assert changes(m) == []  # half-written blocks are nobody's business
+    m.put_end(K[0])
+    assert changes(m) == [(K[0], "a", "dram", True, None)]
+    put(m, K[1], 128)  # K0 demoted: out of DRAM, onto SSD with DRAM as the source of its bytes
+    assert changes(m) == [(K[1], "a", "dram", True, None), (K[0], "a", "dram", False, None),
+                          (K[0], "a", "ssd", True, "dram")]
+    assert sorted(m.snapshot()) == [(K[0], "a", "ssd"), (K[1], "a", "dram")]
+    assert m.remove(K[0]) is True
+    assert changes(m) == [(K[0], "a", "ssd", False, None)]
+    m.put_start(K[2], 128, "crc")
+    m.put_revoke(K[2])
+    assert changes(m) == []
+
+
+def test_promote_brings_an_ssd_block_back_to_dram_and_keeps_the_ssd_copy():
+    m = PoolMaster(high_watermark=0.9, evict_share=0.4)
+    m.add_instance("a", dram_bytes=256, ssd_bytes=1024)
+    put(m, K[0], 128)
+    put(m, K[1], 128)  # K0 -> SSD
+    m.take_changes()
+    assert m.promote(K[1]) is None  # already in DRAM
+    replica = m.promote(K[0])
+    assert replica == Replica("a", "dram", 0, 128)
+    # K0 lands in the free half; DRAM then passes its watermark and K1 moves to SSD.
+    assert changes(m) == [(K[0], "a", "dram", True, "ssd"), (K[1], "a", "dram", False, None),
+                          (K[1], "a", "ssd", True, "dram")]
+    assert [r.tier for r in m.get(K[0])[0]] == ["dram", "ssd"]
+    assert m.lookup_prefix([K[0], K[1]]) == {"a": {"dram": 1, "ssd": 2}}
+    put(m, K[2], 128)  # K0 leaves DRAM again: its SSD copy is already there, nothing to write
+    assert (K[0], "a", "ssd", True, "dram") not in changes(m)
+
+
+def test_change_replicas_raises_onto_other_instances_and_lowers_unleased():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=1024)
+    m.add_instance("b", dram_bytes=4096)
+    m.add_instance("c", dram_bytes=2048)
+    m.put_start(K[0], 100, "crc", exclude=("b", "c"))
+    m.put_end(K[0])
+    m.take_changes()
+    after = m.change_replicas(K[0], 3)
+    assert [r.instance_id for r in after] == ["a", "b", "c"]
+    assert changes(m) == [(K[0], "b", "dram", True, "dram"), (K[0], "c", "dram", True, "dram")]
+    _, lease = m.get(K[0])
+    with pytest.raises(PoolError):
+        m.change_replicas(K[0], 1)  # a reader may be using any of them
+    m.release(K[0], lease)
+    assert [r.instance_id for r in m.change_replicas(K[0], 0)] == ["a"]  # never below one
+    assert changes(m) == [(K[0], "b", "dram", False, None), (K[0], "c", "dram", False, None)]
+    with pytest.raises(PoolError):
+        m.change_replicas(K[9], 2)
+
+
+def test_instance_with_ssd_blocks_rejoins_and_conflicts_are_rejected():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=1024)
+    put(m, K[0], 100)
+    rejected = m.add_instance("b", dram_bytes=1024, ssd_bytes=256,
+                              ssd_blocks=[(K[0], 100, "crc"), (K[1], 100, "x"), (K[2], 100, "y"), (K[3], 50, "z")])
+    # K0 gains an SSD replica on b; K1 fits; K2 does not fit (256 bytes hold two aligned 100-byte blocks);
+    # K3 does not fit either.
+    assert rejected == [K[2], K[3]]
+    assert m.lookup_prefix([K[0], K[1]]) == {"a": {"dram": 1}, "b": {"dram": 0, "ssd": 2}}
+    assert m.checksum(K[1]) == "x"
+    m.take_changes()
+    assert m.remove_instance("b") == [K[1]]
+    assert changes(m) == [(K[0], "b", "ssd", False, None), (K[1], "b", "ssd", False, None)]
+
+
+def test_promote_with_a_tiny_ssd_never_evicts_its_source_and_a_cascade_may_drop_the_demoted_block():
+    m = PoolMaster(high_watermark=0.9, evict_share=0.4)
+    m.add_instance("a", dram_bytes=256, ssd_bytes=256)
+    put(m, K[0], 128)
+    put(m, K[1], 128)  # K0 -> SSD
+    m.take_changes()
+    assert m.promote(K[0]) == Replica("a", "dram", 0, 128)
+    # K1, pushed out of DRAM, lands on an SSD past its watermark whose only other block (K0) is the promotion's
+    # source: K1 is the one dropped.
+    assert changes(m) == [(K[0], "a", "dram", True, "ssd"), (K[1], "a", "dram", False, None),
+                          (K[1], "a", "ssd", True, "dram"), (K[1], "a", "ssd", False, None)]
+    assert m.exists(K[0]) and not m.exists(K[1])

@@ -209,6 +209,67 @@ class Heartbeat(Message):
     sent_at: float = 0.0
     # True on the last heartbeat of an instance shutting down: drop it now.
     is_leaving: bool = False
+    # Cachestore: true while this instance is the pool's master (clients send their metadata calls there).
+    is_pool_master: bool = False
+    # Cachestore: registered buffer id of its DRAM segment.
+    kv_buffer_id: int = 0
+    # Cachestore: bytes of DRAM and of SSD it contributes to the pool.
+    num_dram_bytes: int = 0
+    num_ssd_bytes: int = 0
+    # Random id of this process's run: a restarted instance with the same id is a new member to its master.
+    boot_id: str = ""
+
+
+class BlockStored(msgspec.Struct, tag=True, frozen=True):
+    """A replica of a block became readable on one instance's tier."""
+
+    # Chained block key.
+    key: bytes
+    # Cachestore instance holding the replica.
+    instance_id: str
+    # "dram" or "ssd".
+    tier: str
+
+
+class BlockRemoved(msgspec.Struct, tag=True, frozen=True):
+    """A replica of a block went away (evicted, removed, dropped, its instance lost)."""
+
+    # Chained block key.
+    key: bytes
+    # Cachestore instance that held the replica.
+    instance_id: str
+    # "dram" or "ssd".
+    tier: str
+
+
+class PoolEvents(Message):
+    """Pool master -> everyone: the replica changes of one pool operation, in order.
+
+    `seq` numbers a master's messages without gaps; a consumer that sees a gap, or a new `epoch`, resynchronises
+    from a `PoolSnapshot`.
+    """
+
+    # Id of the master's run; a new master starts a new stream.
+    epoch: str
+    # 1, 2, 3, ... within the epoch.
+    seq: int
+    # What changed, oldest first.
+    events: list[BlockStored | BlockRemoved]
+
+
+class PoolSnapshotRequest(Message):
+    """Anyone -> pool master, request/reply: every replica now (answered with a `PoolSnapshot`)."""
+
+
+class PoolSnapshot(Message):
+    """Pool master -> a consumer: the whole index as of `seq` (events up to `seq` are included)."""
+
+    # Id of the master's run.
+    epoch: str
+    # Last `PoolEvents.seq` the snapshot includes.
+    seq: int
+    # One entry per replica of every visible block.
+    replicas: list[BlockStored]
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     cache_block_tokens: int = Field(64, ge=1)
     # Bytes of DRAM a cachestore instance contributes to the pool.
     cache_dram_bytes: int = Field(256 << 20, ge=1 << 20)
+    # Directory of a cachestore instance's SSD tier; empty: no SSD tier.
+    cache_ssd_dir: str = ""
+    # Bytes of SSD a cachestore instance contributes (with `cache_ssd_dir`).
+    cache_ssd_bytes: int = Field(4 << 30, ge=1 << 20)
+    # SQLAlchemy URL of the SSD tier's index; empty: SQLite in `cache_ssd_dir`.
+    cache_database_url: str = ""
+    # Name of the pool the cachestores of one cluster form (one master each).
+    cache_pool: str = Field("default", pattern="^[-_a-zA-Z0-9]+$")
+    # Whether this cachestore may be the pool's master: "auto" (elected: the first one up holds it, another
+    # takes over when it dies), "never" (only contributes memory).
+    cache_master: str = Field("auto", pattern="^(auto|never)$")
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
     # Shared secret the transfer engines of one cluster authenticate each other with.

@@ -10,6 +10,10 @@ HEARTBEAT = f"{PREFIX}.heartbeat"
 HEARTBEAT_ALL = f"{HEARTBEAT}.>"
 # Gateway -> every worker and conductor: `CancelRequest` (client gone, stop string hit, timeout).
 CANCEL = f"{PREFIX}.cancel"
+# Pool master -> everyone: `PoolEvents` (blocks stored in / removed from the KV cache pool).
+POOL_EVENTS = f"{PREFIX}.pool.events"
+# Anyone -> pool master, request/reply (`PoolSnapshotRequest` -> `PoolSnapshot`): resynchronisation.
+POOL_SNAPSHOT = f"{PREFIX}.pool.snapshot"
 
 
 def heartbeat(kind: str, instance_id: str) -> str:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etsukimi/proto/cachestore.proto\x12\x15tsukimi.cachestore.v1\"n\n\x07Replica\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x11\n\tbuffer_id\x18\x03 \x01(\r\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04size\x18\x06 \x01(\x04\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"B\n\tTierCount\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"T\n\x0bLookupReply\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .tsukimi.cachestore.v1.TierCount\x12\x13\n\x0bnum_leading\x18\x02 \x01(\r\"T\n\x0fPutStartRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\"A\n\rPutStartReply\x12\x30\n\x08replicas\x18\x01 \x03(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\"\x19\n\nKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x07\n\x05\x45mpty\"o\n\x08GetReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x30\n\x08replicas\x18\x02 \x03(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\x12\x10\n\x08lease_id\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"/\n\x0eReleaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\"R\n\x12\x44ropReplicaRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12/\n\x07replica\x18\x02 \x01(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\"\x1e\n\x0bRemoveReply\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"{\n\nStatsReply\x12\x12\n\nnum_blocks\x18\x01 \x01(\x04\x12\x15\n\rdram_capacity\x18\x02 \x01(\x04\x12\x11\n\tdram_used\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\"L\n\x14\x42\x61tchPutStartRequest\x12\x34\n\x04puts\x18\x01 \x03(\x0b\x32&.tsukimi.cachestore.v1.PutStartRequest\"H\n\x12\x42\x61tchPutStartReply\x12\x32\n\x04puts\x18\x01 \x03(\x0b\x32$.tsukimi.cachestore.v1.PutStartReply\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\">\n\rBatchGetReply\x12-\n\x04gets\x18\x01 \x03(\x0b\x32\x1f.tsukimi.cachestore.v1.GetReply\"N\n\x13\x42\x61tchReleaseRequest\x12\x37\n\x08releases\x18\x01 \x03(\x0b\x32%.tsukimi.cachestore.v1.ReleaseRequest\"#\n\x10\x42\x61tchRemoveReply\x12\x0f\n\x07removed\x18\x01 \x03(\x08\x32\xfb\t\n\nCacheStore\x12R\n\x06Lookup\x12$.tsukimi.cachestore.v1.LookupRequest\x1a\".tsukimi.cachestore.v1.LookupReply\x12X\n\x08PutStart\x12&.tsukimi.cachestore.v1.PutStartRequest\x1a$.tsukimi.cachestore.v1.PutStartReply\x12I\n\x06PutEnd\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12L\n\tPutRevoke\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12I\n\x03Get\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1f.tsukimi.cachestore.v1.GetReply\x12N\n\x07Release\x12%.tsukimi.cachestore.v1.ReleaseRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12O\n\x06Remove\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\".tsukimi.cachestore.v1.RemoveReply\x12V\n\x0b\x44ropReplica\x12).tsukimi.cachestore.v1.DropReplicaRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12H\n\x05Stats\x12\x1c.tsukimi.cachestore.v1.Empty\x1a!.tsukimi.cachestore.v1.StatsReply\x12g\n\rBatchPutStart\x12+.tsukimi.cachestore.v1.BatchPutStartRequest\x1a).tsukimi.cachestore.v1.BatchPutStartReply\x12O\n\x0b\x42\x61tchPutEnd\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12R\n\x0e\x42\x61tchPutRevoke\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12T\n\x08\x42\x61tchGet\x12\".tsukimi.cachestore.v1.KeysRequest\x1a$.tsukimi.cachestore.v1.BatchGetReply\x12X\n\x0c\x42\x61tchRelease\x12*.tsukimi.cachestore.v1.BatchReleaseRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12Z\n\x0b\x42\x61tchRemove\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\'.tsukimi.cachestore.v1.BatchRemoveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etsukimi/proto/cachestore.proto\x12\x15tsukimi.cachestore.v1\"n\n\x07Replica\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x11\n\tbuffer_id\x18\x03 \x01(\r\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04size\x18\x06 \x01(\x04\"\x1d\n\rLookupRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\"B\n\tTierCount\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\"T\n\x0bLookupReply\x12\x30\n\x06\x63ounts\x18\x01 \x03(\x0b\x32 .tsukimi.cachestore.v1.TierCount\x12\x13\n\x0bnum_leading\x18\x02 \x01(\r\"T\n\x0fPutStartRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x14\n\x0cnum_replicas\x18\x04 \x01(\r\"A\n\rPutStartReply\x12\x30\n\x08replicas\x18\x01 \x03(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\"\x19\n\nKeyRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"\x07\n\x05\x45mpty\"o\n\x08GetReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x30\n\x08replicas\x18\x02 \x03(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\x12\x10\n\x08lease_id\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"/\n\x0eReleaseRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x10\n\x08lease_id\x18\x02 \x01(\x04\"R\n\x12\x44ropReplicaRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12/\n\x07replica\x18\x02 \x01(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\"\x1e\n\x0bRemoveReply\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"b\n\tTierStats\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x04\x12\x0c\n\x04used\x18\x04 \x01(\x04\x12\x12\n\nnum_blocks\x18\x05 \x01(\x04\"\xac\x01\n\nStatsReply\x12\x12\n\nnum_blocks\x18\x01 \x01(\x04\x12\x15\n\rdram_capacity\x18\x02 \x01(\x04\x12\x11\n\tdram_used\x18\x03 \x01(\x04\x12\x0c\n\x04hits\x18\x04 \x01(\x04\x12\x0e\n\x06misses\x18\x05 \x01(\x04\x12\x11\n\tevictions\x18\x06 \x01(\x04\x12/\n\x05tiers\x18\x07 \x03(\x0b\x32 .tsukimi.cachestore.v1.TierStats\"\x1d\n\x0b\x45xistsReply\x12\x0e\n\x06\x65xists\x18\x01 \x01(\x08\":\n\x15\x43hangeReplicasRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x14\n\x0cnum_replicas\x18\x02 \x01(\r\"G\n\x13\x43hangeReplicasReply\x12\x30\n\x08replicas\x18\x01 \x03(\x0b\x32\x1e.tsukimi.cachestore.v1.Replica\"L\n\x14\x42\x61tchPutStartRequest\x12\x34\n\x04puts\x18\x01 \x03(\x0b\x32&.tsukimi.cachestore.v1.PutStartRequest\"H\n\x12\x42\x61tchPutStartReply\x12\x32\n\x04puts\x18\x01 \x03(\x0b\x32$.tsukimi.cachestore.v1.PutStartReply\"\x1b\n\x0bKeysRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\">\n\rBatchGetReply\x12-\n\x04gets\x18\x01 \x03(\x0b\x32\x1f.tsukimi.cachestore.v1.GetReply\"N\n\x13\x42\x61tchReleaseRequest\x12\x37\n\x08releases\x18\x01 \x03(\x0b\x32%.tsukimi.cachestore.v1.ReleaseRequest\"#\n\x10\x42\x61tchRemoveReply\x12\x0f\n\x07removed\x18\x01 \x03(\x08\"\"\n\x10\x42\x61tchExistsReply\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"[\n\x1a\x42\x61tchChangeReplicasRequest\x12=\n\x07\x63hanges\x18\x01 \x03(\x0b\x32,.tsukimi.cachestore.v1.ChangeReplicasRequest\"W\n\x18\x42\x61tchChangeReplicasReply\x12;\n\x07\x63hanges\x18\x01 \x03(\x0b\x32*.tsukimi.cachestore.v1.ChangeReplicasReply\"O\n\x0bMoveRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64ram_offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"s\n\rCopyInRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07segment\x18\x02 \x01(\t\x12\x11\n\tbuffer_id\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04size\x18\x05 \x01(\x04\x12\x13\n\x0b\x64ram_offset\x18\x06 \x01(\x04\"7\n\x08SsdBlock\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"?\n\x0cSsdListReply\x12/\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x1f.tsukimi.cachestore.v1.SsdBlock2\x8f\r\n\nCacheStore\x12R\n\x06Lookup\x12$.tsukimi.cachestore.v1.LookupRequest\x1a\".tsukimi.cachestore.v1.LookupReply\x12X\n\x08PutStart\x12&.tsukimi.cachestore.v1.PutStartRequest\x1a$.tsukimi.cachestore.v1.PutStartReply\x12I\n\x06PutEnd\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12L\n\tPutRevoke\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12I\n\x03Get\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\x1f.tsukimi.cachestore.v1.GetReply\x12N\n\x07Release\x12%.tsukimi.cachestore.v1.ReleaseRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12O\n\x06Remove\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\".tsukimi.cachestore.v1.RemoveReply\x12V\n\x0b\x44ropReplica\x12).tsukimi.cachestore.v1.DropReplicaRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12H\n\x05Stats\x12\x1c.tsukimi.cachestore.v1.Empty\x1a!.tsukimi.cachestore.v1.StatsReply\x12g\n\rBatchPutStart\x12+.tsukimi.cachestore.v1.BatchPutStartRequest\x1a).tsukimi.cachestore.v1.BatchPutStartReply\x12O\n\x0b\x42\x61tchPutEnd\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12R\n\x0e\x42\x61tchPutRevoke\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12T\n\x08\x42\x61tchGet\x12\".tsukimi.cachestore.v1.KeysRequest\x1a$.tsukimi.cachestore.v1.BatchGetReply\x12X\n\x0c\x42\x61tchRelease\x12*.tsukimi.cachestore.v1.BatchReleaseRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12Z\n\x0b\x42\x61tchRemove\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\'.tsukimi.cachestore.v1.BatchRemoveReply\x12O\n\x06\x45xists\x12!.tsukimi.cachestore.v1.KeyRequest\x1a\".tsukimi.cachestore.v1.ExistsReply\x12Z\n\x0b\x42\x61tchExists\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\'.tsukimi.cachestore.v1.BatchExistsReply\x12j\n\x0e\x43hangeReplicas\x12,.tsukimi.cachestore.v1.ChangeReplicasRequest\x1a*.tsukimi.cachestore.v1.ChangeReplicasReply\x12y\n\x13\x42\x61tchChangeReplicas\x12\x31.tsukimi.cachestore.v1.BatchChangeReplicasRequest\x1a/.tsukimi.cachestore.v1.BatchChangeReplicasReply2\x90\x03\n\nPoolMember\x12J\n\x06\x44\x65mote\x12\".tsukimi.cachestore.v1.MoveRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12K\n\x07Promote\x12\".tsukimi.cachestore.v1.MoveRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12L\n\x06\x43opyIn\x12$.tsukimi.cachestore.v1.CopyInRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12M\n\tDeleteSsd\x12\".tsukimi.cachestore.v1.KeysRequest\x1a\x1c.tsukimi.cachestore.v1.Empty\x12L\n\x07ListSsd\x12\x1c.tsukimi.cachestore.v1.Empty\x1a#.tsukimi.cachestore.v1.SsdListReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,20 +55,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPREPLICAREQUEST']._serialized_end=787
   _globals['_REMOVEREPLY']._serialized_start=789
   _globals['_REMOVEREPLY']._serialized_end=819
-  _globals['_STATSREPLY']._serialized_start=821
-  _globals['_STATSREPLY']._serialized_end=944
-  _globals['_BATCHPUTSTARTREQUEST']._serialized_start=946
-  _globals['_BATCHPUTSTARTREQUEST']._serialized_end=1022
-  _globals['_BATCHPUTSTARTREPLY']._serialized_start=1024
-  _globals['_BATCHPUTSTARTREPLY']._serialized_end=1096
-  _globals['_KEYSREQUEST']._serialized_start=1098
-  _globals['_KEYSREQUEST']._serialized_end=1125
-  _globals['_BATCHGETREPLY']._serialized_start=1127
-  _globals['_BATCHGETREPLY']._serialized_end=1189
-  _globals['_BATCHRELEASEREQUEST']._serialized_start=1191
-  _globals['_BATCHRELEASEREQUEST']._serialized_end=1269
-  _globals['_BATCHREMOVEREPLY']._serialized_start=1271
-  _globals['_BATCHREMOVEREPLY']._serialized_end=1306
-  _globals['_CACHESTORE']._serialized_start=1309
-  _globals['_CACHESTORE']._serialized_end=2584
+  _globals['_TIERSTATS']._serialized_start=821
+  _globals['_TIERSTATS']._serialized_end=919
+  _globals['_STATSREPLY']._serialized_start=922
+  _globals['_STATSREPLY']._serialized_end=1094
+  _globals['_EXISTSREPLY']._serialized_start=1096
+  _globals['_EXISTSREPLY']._serialized_end=1125
+  _globals['_CHANGEREPLICASREQUEST']._serialized_start=1127
+  _globals['_CHANGEREPLICASREQUEST']._serialized_end=1185
+  _globals['_CHANGEREPLICASREPLY']._serialized_start=1187
+  _globals['_CHANGEREPLICASREPLY']._serialized_end=1258
+  _globals['_BATCHPUTSTARTREQUEST']._serialized_start=1260
+  _globals['_BATCHPUTSTARTREQUEST']._serialized_end=1336
+  _globals['_BATCHPUTSTARTREPLY']._serialized_start=1338
+  _globals['_BATCHPUTSTARTREPLY']._serialized_end=1410
+  _globals['_KEYSREQUEST']._serialized_start=1412
+  _globals['_KEYSREQUEST']._serialized_end=1439
+  _globals['_BATCHGETREPLY']._serialized_start=1441
+  _globals['_BATCHGETREPLY']._serialized_end=1503
+  _globals['_BATCHRELEASEREQUEST']._serialized_start=1505
+  _globals['_BATCHRELEASEREQUEST']._serialized_end=1583
+  _globals['_BATCHREMOVEREPLY']._serialized_start=1585
+  _globals['_BATCHREMOVEREPLY']._serialized_end=1620
+  _globals['_BATCHEXISTSREPLY']._serialized_start=1622
+  _globals['_BATCHEXISTSREPLY']._serialized_end=1656
+  _globals['_BATCHCHANGEREPLICASREQUEST']._serialized_start=1658
+  _globals['_BATCHCHANGEREPLICASREQUEST']._serialized_end=1749
+  _globals['_BATCHCHANGEREPLICASREPLY']._serialized_start=1751
+  _globals['_BATCHCHANGEREPLICASREPLY']._serialized_end=1838
+  _globals['_MOVEREQUEST']._serialized_start=1840
+  _globals['_MOVEREQUEST']._serialized_end=1919
+  _globals['_COPYINREQUEST']._serialized_start=1921
+  _globals['_COPYINREQUEST']._serialized_end=2036
+  _globals['_SSDBLOCK']._serialized_start=2038
+  _globals['_SSDBLOCK']._serialized_end=2093
+  _globals['_SSDLISTREPLY']._serialized_start=2095
+  _globals['_SSDLISTREPLY']._serialized_end=2158
+  _globals['_CACHESTORE']._serialized_start=2161
+  _globals['_CACHESTORE']._serialized_end=3840
+  _globals['_POOLMEMBER']._serialized_start=3843
+  _globals['_POOLMEMBER']._serialized_end=4243
 # @@protoc_insertion_point(module_scope)

@@ -109,6 +109,26 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.FromString,
                 _registered_method=True)
+        self.Exists = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/Exists',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.ExistsReply.FromString,
+                _registered_method=True)
+        self.BatchExists = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchExists',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchExistsReply.FromString,
+                _registered_method=True)
+        self.ChangeReplicas = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/ChangeReplicas',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasReply.FromString,
+                _registered_method=True)
+        self.BatchChangeReplicas = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/BatchChangeReplicas',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -204,6 +224,30 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exists(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchExists(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchChangeReplicas(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +325,26 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.BatchRemove,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.SerializeToString,
+            ),
+            'Exists': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exists,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.ExistsReply.SerializeToString,
+            ),
+            'BatchExists': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchExists,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchExistsReply.SerializeToString,
+            ),
+            'ChangeReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeReplicas,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasReply.SerializeToString,
+            ),
+            'BatchChangeReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchChangeReplicas,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -688,6 +752,361 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/BatchRemove',
             tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.BatchRemoveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/Exists',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeyRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.ExistsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchExists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchExists',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchExistsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/ChangeReplicas',
+            tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.ChangeReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchChangeReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/BatchChangeReplicas',
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PoolMemberStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Demote = channel.unary_unary(
+                '/tsukimi.cachestore.v1.PoolMember/Demote',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.Promote = channel.unary_unary(
+                '/tsukimi.cachestore.v1.PoolMember/Promote',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.CopyIn = channel.unary_unary(
+                '/tsukimi.cachestore.v1.PoolMember/CopyIn',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.CopyInRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.DeleteSsd = channel.unary_unary(
+                '/tsukimi.cachestore.v1.PoolMember/DeleteSsd',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ListSsd = channel.unary_unary(
+                '/tsukimi.cachestore.v1.PoolMember/ListSsd',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SsdListReply.FromString,
+                _registered_method=True)
+
+
+class PoolMemberServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Demote(self, request, context):
+        """DRAM range -> SSD file
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Promote(self, request, context):
+        """SSD file -> DRAM range (checksum verified)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CopyIn(self, request, context):
+        """another segment -> DRAM range, through the transfer engine
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSsd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSsd(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoolMemberServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Demote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Demote,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'Promote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Promote,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'CopyIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyIn,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.CopyInRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'DeleteSsd': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSsd,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            ),
+            'ListSsd': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSsd,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SsdListReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'tsukimi.cachestore.v1.PoolMember', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('tsukimi.cachestore.v1.PoolMember', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class PoolMember:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Demote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.PoolMember/Demote',
+            tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Promote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.PoolMember/Promote',
+            tsukimi_dot_proto_dot_cachestore__pb2.MoveRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.PoolMember/CopyIn',
+            tsukimi_dot_proto_dot_cachestore__pb2.CopyInRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSsd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.PoolMember/DeleteSsd',
+            tsukimi_dot_proto_dot_cachestore__pb2.KeysRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSsd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.PoolMember/ListSsd',
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.SsdListReply.FromString,
             options,
             channel_credentials,
             insecure,

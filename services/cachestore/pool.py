@@ -1,0 +1,258 @@
+"""The pool master at run time: the metadata (`PoolMaster`), the instances it orders bytes around on
+(`Member`s), and the events it publishes. One per cluster, on the elected cachestore.
+
+Every operation runs under one lock and ends by settling its changes: the byte movements the metadata change
+implies (SSD writes of demoted blocks, promotions, copies for extra replicas, file deletions) are done before the
+operation returns, so no DRAM range is handed out again before its old bytes are safe, and then the changes go
+out as `PoolEvents`. A movement that fails drops the replica it was making (nothing half-made is ever served).
+Must not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tsukimi.cachestore.master import Change, PoolError, PoolMaster, Replica
+from tsukimi.cachestore.member import Member, MemberError
+from tsukimi.common.messages import BlockRemoved, BlockStored, PoolEvents, PoolSnapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instance:
+    """A member of the pool: how to order it around, where its DRAM is."""
+
+    member: Member
+    # Its transfer-engine segment and the buffer id of its DRAM there.
+    segment: str
+    buffer_id: int
+    # Random id of the process's run (a new one means a restarted instance).
+    boot_id: str = ""
+
+
+@dataclass(frozen=True)
+class PutSpec:
+    """One block a client wants to put."""
+
+    key: bytes
+    size: int
+    checksum: str
+    num_replicas: int = 1
+
+
+class Pool:
+    """Pool operations over the master's metadata; `publish` receives each operation's `PoolEvents`."""
+
+    def __init__(self, master: PoolMaster, publish: Callable[[PoolEvents], None] = lambda events: None):
+        self.master = master
+        self.instances: dict[str, Instance] = {}
+        self.epoch = uuid.uuid4().hex
+        self.seq = 0
+        self.num_hits = self.num_misses = 0
+        self._publish = publish
+        self._lock = asyncio.Lock()
+
+    # ---- membership --------------------------------------------------------------------------------------
+
+    async def join(self, instance_id: str, instance: Instance, dram_bytes: int, ssd_bytes: int) -> int:
+        """Adds an instance with what its SSD tier already holds; returns how many SSD blocks the pool took
+        (the others are deleted on the instance)."""
+        blocks = await instance.member.list_ssd()
+        async with self._lock:
+            if instance_id in self.instances:
+                await self._leave(instance_id)
+            self.instances[instance_id] = instance
+            rejected = self.master.add_instance(instance_id, dram_bytes, ssd_bytes,
+                                                [(b.key, b.size, b.checksum) for b in blocks])
+            if rejected:
+                try:
+                    await instance.member.delete_ssd(rejected)
+                except MemberError as exc:
+                    log.warning("could not delete %d rejected SSD blocks on %s: %s", len(rejected), instance_id, exc)
+            await self._settle()
+        return len(blocks) - len(rejected)
+
+    async def leave(self, instance_id: str) -> int:
+        """Drops an instance and its replicas; returns how many blocks went with it (no other replica)."""
+        async with self._lock:
+            return await self._leave(instance_id)
+
+    async def _leave(self, instance_id: str) -> int:
+        instance = self.instances.pop(instance_id, None)
+        lost = self.master.remove_instance(instance_id)
+        await self._settle()
+        if instance is not None:
+            await instance.member.close()
+        return len(lost)
+
+    async def close(self) -> None:
+        for instance in self.instances.values():
+            await instance.member.close()
+        self.instances.clear()
+
+    # ---- operations --------------------------------------------------------------------------------------
+
+    async def lookup(self, keys: list[bytes]) -> dict[str, dict[str, int]]:
+        async with self._lock:
+            return self.master.lookup_prefix(keys)
+
+    async def exists(self, keys: list[bytes]) -> list[bool]:
+        async with self._lock:
+            return [self.master.exists(k) for k in keys]
+
+    async def put_start(self, puts: list[PutSpec]) -> list[list[Replica] | PoolError]:
+        """DRAM replicas to write, per block ([] when it exists or is being written; a PoolError when no
+        instance has room)."""
+        async with self._lock:
+            results: list[list[Replica] | PoolError] = []
+            for put in puts:
+                try:
+                    results.append(self.master.put_start(put.key, put.size, put.checksum,
+                                                         max(1, put.num_replicas))[0])
+                except PoolError as exc:
+                    results.append(exc)
+            await self._settle()
+            return results
+
+    async def put_end(self, keys: list[bytes]) -> list[int]:
+        """Makes written blocks visible; the size of each (0 for one unknown: revoked or lost meanwhile)."""
+        async with self._lock:
+            sizes = []
+            for key in keys:
+                try:
+                    self.master.put_end(key)
+                    sizes.append(self.master.replicas(key)[0].size if self.master.replicas(key) else 0)
+                except PoolError:
+                    sizes.append(0)
+            await self._settle()
+            return sizes
+
+    async def put_revoke(self, keys: list[bytes]) -> list[bool]:
+        async with self._lock:
+            done = []
+            for key in keys:
+                try:
+                    self.master.put_revoke(key)
+                    done.append(True)
+                except PoolError:
+                    done.append(False)
+            return done
+
+    async def get(self, keys: list[bytes]) -> list[tuple[list[Replica], int, str] | None]:
+        """Per key: (DRAM replicas, lease id, checksum), promoting SSD-only blocks to DRAM first; None on a miss
+        (or when no DRAM could be freed for it)."""
+        async with self._lock:
+            results = []
+            for key in keys:
+                if self.master.exists(key) and not any(r.tier == "dram" for r in self.master.replicas(key)):
+                    # NOTE: leased right after its promotion, so the next key's promotion cannot evict it.
+                    self.master.promote(key)
+                    await self._settle()
+                found = self.master.get(key)
+                drams = [r for r in found[0] if r.tier == "dram"] if found else []
+                if found and not drams:
+                    self.master.release(key, found[1])
+                if not drams:
+                    self.num_misses += 1
+                    results.append(None)
+                    continue
+                self.num_hits += 1
+                results.append((drams, found[1], self.master.checksum(key)))
+            return results
+
+    async def release(self, leases: list[tuple[bytes, int]]) -> None:
+        async with self._lock:
+            for key, lease in leases:
+                self.master.release(key, lease)
+
+    async def remove(self, keys: list[bytes]) -> list[bool]:
+        async with self._lock:
+            removed = [self.master.remove(k) for k in keys]
+            await self._settle()
+            return removed
+
+    async def drop_replica(self, key: bytes, replica: Replica) -> None:
+        async with self._lock:
+            try:
+                self.master.drop_replica(key, replica)
+            except PoolError:
+                return  # NOTE: already gone.
+            await self._settle()
+
+    async def change_replicas(self, changes: list[tuple[bytes, int]]) -> list[list[Replica] | PoolError]:
+        """Per (key, count): the block's DRAM replicas afterwards (an SSD-only block is promoted first)."""
+        async with self._lock:
+            results: list[list[Replica] | PoolError] = []
+            for key, num_replicas in changes:
+                try:
+                    if self.master.exists(key) and not any(r.tier == "dram" for r in self.master.replicas(key)):
+                        self.master.promote(key)
+                        await self._settle()
+                    self.master.change_replicas(key, num_replicas)
+                    await self._settle()
+                    results.append([r for r in self.master.replicas(key) if r.tier == "dram"])
+                except PoolError as exc:
+                    results.append(exc)
+            return results
+
+    async def snapshot(self) -> PoolSnapshot:
+        async with self._lock:
+            return PoolSnapshot(epoch=self.epoch, seq=self.seq, replicas=[
+                BlockStored(key, iid, tier) for key, iid, tier in self.master.snapshot()])
+
+    # ---- settling ----------------------------------------------------------------------------------------
+
+    async def _settle(self) -> None:
+        """Moves the bytes the recorded changes imply, then publishes them (and the drops failures caused)."""
+        while changes := self.master.take_changes():
+            await self._move(changes)
+            self.seq += 1
+            self._publish(PoolEvents(epoch=self.epoch, seq=self.seq, events=[
+                (BlockStored if c.is_stored else BlockRemoved)(c.key, c.replica.instance_id, c.replica.tier)
+                for c in changes]))
+
+    async def _move(self, changes: list[Change]) -> None:
+        # NOTE: order matters: files of dropped SSD replicas go first (room for the demotions), demotions read
+        # DRAM ranges before promotions and copies may write over them.
+        deletions: dict[str, list[bytes]] = {}
+        for c in changes:
+            if (not c.is_stored and c.replica.tier == "ssd" and c.replica.instance_id in self.instances
+                    and not self.master.has_replica(c.key, c.replica)):
+                deletions.setdefault(c.replica.instance_id, []).append(c.key)
+        for iid, keys in deletions.items():
+            try:
+                await self.instances[iid].member.delete_ssd(keys)
+            except MemberError as exc:
+                log.warning("deleting %d SSD blocks on %s failed: %s", len(keys), iid, exc)
+        moves = [c for c in changes if c.is_stored and c.source is not None]
+        for c in sorted(moves, key=lambda c: c.replica.tier != "ssd"):
+            if self.master.has_replica(c.key, c.replica):
+                await self._copy(c)
+
+    async def _copy(self, c: Change) -> None:
+        replica, source = c.replica, c.source
+        instance = self.instances.get(replica.instance_id)
+        try:
+            if instance is None:
+                raise MemberError(f"instance {replica.instance_id} is not a member")
+            if replica.tier == "ssd":
+                await instance.member.demote(c.key, source.offset, replica.size, self.master.checksum(c.key))
+            elif source.tier == "ssd":
+                await instance.member.promote(c.key, replica.offset, replica.size)
+            else:
+                origin = self.instances.get(source.instance_id)
+                if origin is None:
+                    raise MemberError(f"instance {source.instance_id} is not a member")
+                await instance.member.copy_in(c.key, origin.segment, origin.buffer_id, source.offset,
+                                              replica.size, replica.offset)
+        except MemberError as exc:
+            log.warning("block %s: %s; dropping the %s replica on %s", c.key.hex()[:16], exc, replica.tier,
+                        replica.instance_id)
+            self.master.drop_replica(c.key, replica)
+            if source.tier == "ssd" and self.master.has_replica(c.key, source):
+                self.master.drop_replica(c.key, source)  # NOTE: an unreadable SSD copy must not be tried again.
