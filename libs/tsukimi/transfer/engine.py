@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.transfer.batch import Batch, Op, RequestStatus, Status, TransferRequest, check_range, cut
@@ -58,9 +60,18 @@ class LocalBuffer:
     # Its RDMA registration, when the engine offers rdma (and the memory could be registered).
     mr: MemoryRegion | None = None
 
+    # Its bytes as a uint8 numpy array (made on first use by the shm transport).
+    _array: np.ndarray | None = field(default=None, init=False, repr=False)
+
     @property
     def length(self) -> int:
         return len(self.view)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.frombuffer(self.view, dtype=np.uint8)
+        return self._array
 
 
 @dataclass
@@ -297,6 +308,18 @@ class TransferEngine:
             peer.descriptor = descriptor
         return descriptor
 
+    async def _refresh_dead_peers(self, names: set[str]) -> None:
+        """Re-reads the descriptors of same-host peers whose process has died: a restarted peer published a new
+        one under the same name (a dead one stays dead, and its requests fail)."""
+        for name in names:
+            peer = self._peers.get(name)
+            if peer is None or peer.descriptor.host_id != local_host_id() or pid_alive(peer.descriptor.pid):
+                continue
+            try:
+                await self.open_segment(name, refresh=True)
+            except TransferError:
+                pass
+
     def _drop_peer(self, name: str) -> None:
         peer = self._peers.pop(name, None)
         if peer is not None:
@@ -367,39 +390,93 @@ class TransferEngine:
         self._batches[batch.id] = batch
         groups: dict[tuple[str, str, int], list] = {}
         alive: dict[int, bool] = {}
+        # (segment, buffer id) -> (descriptor, buffer, transport, why): looked up once per batch, not per request.
+        targets: dict[tuple[str, int], tuple] = {}
+        await self._refresh_dead_peers({r.segment for r in batch.requests})
         for index, request in enumerate(batch.requests):
             problem = self._check_local(request)
             if problem:
                 batch.fail(index, problem)
                 continue
-            try:
-                descriptor = await self.open_segment(request.segment)
-            except TransferError as exc:
-                batch.fail(index, str(exc))
-                continue
-            peer = self._peers[request.segment]
-            buffer = descriptor.buffer(request.buffer_id)
+            segment = request.segment
+            peer = self._peers.get(segment)
+            if peer is None:
+                try:
+                    await self.open_segment(segment)
+                except TransferError as exc:
+                    batch.fail(index, str(exc))
+                    continue
+                peer = self._peers[segment]
+            descriptor = peer.descriptor
+            target = targets.get((segment, request.buffer_id))
+            if target is None or target[0] is not descriptor:
+                buffer = descriptor.buffer(request.buffer_id)
+                transport, why = self._choose(peer, buffer) if buffer is not None else ("", "")
+                target = targets[(segment, request.buffer_id)] = (descriptor, buffer, transport, why)
+            _, buffer, transport, why = target
             problem = self._check_target(descriptor, buffer, request)
             if problem:
                 batch.fail(index, problem)
                 continue
-            transport, why = self._choose(peer, buffer)
             if not transport:
-                batch.fail(index, f"no transport reaches {request.segment}: {why}")
+                batch.fail(index, f"no transport reaches {segment}: {why}")
                 continue
-            if transport == "shm" and not alive.setdefault(descriptor.pid, pid_alive(descriptor.pid)):
-                self._drop_peer(request.segment)
-                batch.fail(index, f"segment {request.segment}'s process {descriptor.pid} is gone")
-                continue
-            groups.setdefault((request.segment, transport, request.buffer_id), []).append(index)
+            if transport == "shm":
+                is_alive = alive.get(descriptor.pid)
+                if is_alive is None:
+                    is_alive = alive[descriptor.pid] = pid_alive(descriptor.pid)
+                if not is_alive:
+                    self._drop_peer(segment)
+                    batch.fail(index, f"segment {segment}'s process {descriptor.pid} is gone")
+                    continue
+            group = groups.get((segment, transport, request.buffer_id))
+            if group is None:
+                groups[(segment, transport, request.buffer_id)] = [index]
+            else:
+                group.append(index)
         for (segment, transport, buffer_id), indices in groups.items():
             peer = self._peers.get(segment)
             if peer is None:
                 for index in indices:
                     batch.fail(index, f"segment {segment} went away")
                 continue
-            self._dispatch(batch, peer, transport, buffer_id, indices)
+            if transport == "shm":
+                self._dispatch_shm(batch, peer, buffer_id, indices)
+            else:
+                self._dispatch(batch, peer, transport, buffer_id, indices)
         return batch.id
+
+    def _dispatch_shm(self, batch: Batch, peer: _Peer, buffer_id: int, indices: list[int]) -> None:
+        """Hands `indices` of `batch` to the shm transport as plain copies: no per-request slice objects or
+        completion calls (a job reports all it moved at once)."""
+        size = self._shm_slice_bytes
+        requests = batch.requests
+        copies = []
+        counts = []
+        num_bytes = {Op.READ: 0, Op.WRITE: 0}
+        for index in indices:
+            request = requests[index]
+            op, length, local_offset, target_offset = (request.op, request.length, request.local_offset,
+                                                       request.target_offset)
+            local = request.local.array
+            if length <= size:
+                copies.append((index, op, local[local_offset:local_offset + length], target_offset, length))
+                counts.append((index, 1))
+            else:
+                n = 0
+                for start in range(0, length, size):
+                    piece = min(size, length - start)
+                    copies.append((index, op, local[local_offset + start:local_offset + start + piece],
+                                   target_offset + start, piece))
+                    n += 1
+                counts.append((index, n))
+            num_bytes[op] += length
+        batch.start_many(counts, "shm")
+        for op, n in num_bytes.items():
+            if n:
+                _bytes_counter("shm", op).inc(n)
+        peer.shm.submit_copies(peer.descriptor.buffer(buffer_id), batch, copies,
+                               num_bytes[Op.READ] + num_bytes[Op.WRITE])
 
     def _dispatch(self, batch: Batch, peer: _Peer, transport: str, buffer_id: int, indices: list[int]) -> None:
         slices = []
@@ -416,10 +493,8 @@ class TransferEngine:
             slices.extend(pieces)
         for op, n in num_bytes.items():
             if n:
-                BYTES.labels(transport, op.name).inc(n)
-        if transport == "shm":
-            peer.shm.submit(peer.descriptor.buffer(buffer_id), slices)
-        elif transport == "rdma":
+                _bytes_counter(transport, op).inc(n)
+        if transport == "rdma":
             if peer.rdma is None:
                 peer.rdma = RdmaPeer(self._rdma, peer.descriptor.tcp_address, self._secret, self.timeout_s)
             peer.rdma.submit(peer.descriptor.buffer(buffer_id), slices)
@@ -463,19 +538,22 @@ class TransferEngine:
         batch = self._batches[batch_id]
         limit = timeout_s if timeout_s is not None else 2 * self.timeout_s + 1
         if not batch.is_done:
+            # NOTE: one future, resolved by the batch's completion (from a transport thread) or by a timer; no
+            # wait_for/shield tasks per batch.
             loop = asyncio.get_running_loop()
             done = loop.create_future()
             batch.add_done_callback(lambda: loop.call_soon_threadsafe(_resolve, done))
+            timer = loop.call_later(limit, _resolve, done)
             try:
-                await asyncio.wait_for(asyncio.shield(done), limit)
-            except asyncio.TimeoutError:
-                pass
+                await done
+            finally:
+                timer.cancel()
         if not batch.is_done:
             for index, st in enumerate(batch.snapshot()):
                 if not st.status.is_final:
                     batch.fail(index, f"no completion within {limit}s", Status.TIMEOUT)
         del self._batches[batch_id]
-        statuses = batch.snapshot()
+        statuses = batch.final_statuses()
         BATCH_SECONDS.observe(time.monotonic() - batch.submitted_at)
         failed_segments = set()
         outcomes: dict[tuple[str, str], int] = {}
@@ -485,7 +563,7 @@ class TransferEngine:
             if st.status != Status.COMPLETED:
                 failed_segments.add(request.segment)
         for (transport, status), n in outcomes.items():
-            REQUESTS.labels(transport, status).inc(n)
+            _requests_counter(transport, status).inc(n)
         for segment in failed_segments:
             # NOTE: the peer may have restarted elsewhere; re-resolve it on next use.
             self._drop_peer(segment)
@@ -539,6 +617,16 @@ class TransferEngine:
                 loop.create_task(result)
 
         loop.call_soon_threadsafe(run)
+
+
+@functools.cache
+def _bytes_counter(transport: str, op: Op):
+    return BYTES.labels(transport, op.name)
+
+
+@functools.cache
+def _requests_counter(transport: str, status: str):
+    return REQUESTS.labels(transport, status)
 
 
 def _resolve(future: asyncio.Future) -> None:
