@@ -98,6 +98,8 @@ class PoolMaster:
         self._lease_ids = itertools.count(1)
         self._changes: list[Change] = []
         self.num_evictions = 0
+        # Earliest lease deadline that may not have been expired yet.
+        self._next_expiry = float("inf")
 
     # ---- instances ---------------------------------------------------------------------------------------
 
@@ -257,8 +259,10 @@ class PoolMaster:
         if not block.leases:
             for replica in block.replicas:
                 self._tiers[(replica.instance_id, replica.tier)].lru.pin(key)
-        block.leases[lease] = self._clock() + self.lease_s
+        until = self._clock() + self.lease_s
+        block.leases[lease] = until
         self._leased[key] = block
+        self._next_expiry = min(self._next_expiry, until)
         for replica in block.replicas:
             self._tiers[(replica.instance_id, replica.tier)].lru.match_prefix([key])
         return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)), lease
@@ -433,6 +437,10 @@ class PoolMaster:
 
     def _expire(self) -> None:
         now = self._clock()
+        if now < self._next_expiry:
+            return  # NOTE: called on every operation; nothing can have expired before the earliest deadline.
+        self._next_expiry = min((u for b in self._leased.values() for u in b.leases.values() if u > now),
+                                default=float("inf"))
         for key, block in list(self._leased.items()):
             for lease in [lid for lid, until in block.leases.items() if until <= now]:
                 del block.leases[lease]

@@ -126,7 +126,8 @@ class Pool:
             for key in keys:
                 try:
                     self.master.put_end(key)
-                    sizes.append(self.master.replicas(key)[0].size if self.master.replicas(key) else 0)
+                    replicas = self.master.replicas(key)
+                    sizes.append(replicas[0].size if replicas else 0)
                 except PoolError:
                     sizes.append(0)
             await self._settle()

@@ -130,6 +130,7 @@ class Mastership:
                 return
             for iid in self._registry.expire(time.monotonic()):
                 self._spawn(self._leave(iid, "went silent"))
+            self.servicer.export()
         elif self.settings.cache_master == "auto":
             try:
                 self._revision = await kv.create(self._key, value)

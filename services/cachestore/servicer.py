@@ -29,9 +29,9 @@ def _timed(method):
         try:
             return await method(self, request, context)
         finally:
-            metrics.RPC_SECONDS.labels(method.__name__).observe(time.perf_counter() - started)
-            self._export()
+            histogram.observe(time.perf_counter() - started)
 
+    histogram = metrics.RPC_SECONDS.labels(method.__name__)
     return wrapper
 
 
@@ -49,7 +49,16 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         return pb.Replica(instance_id=r.instance_id, segment=instance.segment, buffer_id=instance.buffer_id,
                           tier=r.tier, offset=r.offset, size=r.size)
 
-    def _export(self) -> None:
+    def _fill(self, out, replicas: list[Replica]) -> None:
+        """Appends replicas to a repeated field in place (no intermediate messages)."""
+        instances = self.pool.instances
+        for r in replicas:
+            instance = instances[r.instance_id]
+            out.add(instance_id=r.instance_id, segment=instance.segment, buffer_id=instance.buffer_id, tier=r.tier,
+                    offset=r.offset, size=r.size)
+
+    def export(self) -> None:
+        """Sets the per-tier gauges and the eviction counter (called periodically, not per call)."""
         if self.pool is None:
             return
         master = self.pool.master
@@ -93,9 +102,9 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                 raise ValueError("key and a positive size are required")
             specs.append(PutSpec(put.key, put.size, put.checksum, put.num_replicas))
         results = await self.pool.put_start(specs)
-        for result in results:
-            if isinstance(result, PoolError):
-                metrics.PUTS.labels("no_room").inc()
+        num_refused = sum(1 for r in results if isinstance(r, PoolError))
+        if num_refused:
+            metrics.PUTS.labels("no_room").inc(num_refused)
         return results
 
     @_timed
@@ -114,9 +123,12 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             results = await self._put_start(request.puts)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return pb.BatchPutStartReply(puts=[
-            pb.PutStartReply(replicas=[] if isinstance(r, PoolError) else [self._replica(x) for x in r])
-            for r in results])
+        reply = pb.BatchPutStartReply()
+        for result in results:
+            out = reply.puts.add()
+            if not isinstance(result, PoolError):
+                self._fill(out.replicas, result)
+        return reply
 
     async def _put_end(self, keys: list[bytes]) -> list[int]:
         sizes = await self.pool.put_end(keys)
@@ -149,27 +161,33 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     # ---- gets --------------------------------------------------------------------------------------------
 
-    async def _get(self, keys: list[bytes]) -> list[pb.GetReply]:
-        replies = []
+    async def _get(self, keys: list[bytes], out) -> None:
+        """Appends one GetReply per key to `out` (a repeated field)."""
+        num_hits = num_bytes = 0
         for found in await self.pool.get(keys):
+            reply = out.add()
             if found is None:
-                metrics.MISSES.inc()
-                replies.append(pb.GetReply(found=False))
                 continue
             replicas, lease, checksum = found
-            metrics.HITS.inc()
-            metrics.GET_BYTES.inc(replicas[0].size)
-            replies.append(pb.GetReply(found=True, replicas=[self._replica(r) for r in replicas], lease_id=lease,
-                                       checksum=checksum))
-        return replies
+            num_hits += 1
+            num_bytes += replicas[0].size
+            reply.found, reply.lease_id, reply.checksum = True, lease, checksum
+            self._fill(reply.replicas, replicas)
+        metrics.HITS.inc(num_hits)
+        metrics.MISSES.inc(len(keys) - num_hits)
+        metrics.GET_BYTES.inc(num_bytes)
 
     @_timed
     async def Get(self, request, context):
-        return (await self._get([request.key]))[0]
+        reply = pb.BatchGetReply()
+        await self._get([request.key], reply.gets)
+        return reply.gets[0]
 
     @_timed
     async def BatchGet(self, request, context):
-        return pb.BatchGetReply(gets=await self._get(list(request.keys)))
+        reply = pb.BatchGetReply()
+        await self._get(list(request.keys), reply.gets)
+        return reply
 
     @_timed
     async def Release(self, request, context):
@@ -219,6 +237,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def Stats(self, request, context):
+        self.export()
         master = self.pool.master
         tiers = [pb.TierStats(instance_id=iid, tier=tier, capacity=capacity, used=used, num_blocks=num_blocks)
                  for iid, tier, capacity, used, num_blocks in master.tier_usage()]

@@ -1,4 +1,6 @@
-"""Conductor process: tracks live instances from heartbeats, places each request, hands it to a prefill worker.
+"""Conductor process: keeps a view of the cluster (instances from heartbeats, cached blocks from the pool's
+events), places each request with the KV-cache-aware policy (`placement.py`), rejects early what would miss its
+SLO, and hands the rest to a prefill worker.
 
 Several conductors may run: they share the submit subject in a NATS queue group, so each request is placed once.
 """
@@ -10,25 +12,37 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.logs import request_id_var
+from tsukimi.common.block_keys import block_keys
 from tsukimi.common.messages import (
-    ErrorInfo, GenerateRequest, Heartbeat, PrefillTask, SubmitReply, TaskAck, decode, encode,
+    ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask, SubmitReply,
+    TaskAck, decode, encode,
 )
+from tsukimi.common.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
+from tsukimi.conductor.cluster import ClusterView
+from tsukimi.conductor.hot_blocks import HotBlocks
 from tsukimi.conductor.journal import RequestJournal
-from tsukimi.conductor.scheduler import LeastLoadedScheduler
+from tsukimi.conductor.placement import Decision, PlacementConfig, Placer, Request
+from tsukimi.proto import cachestore_pb2 as pb
+from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tsukimi.conductor")
 
 DECISIONS = Counter("tsukimi_conductor_decisions_total", "Placement decisions by outcome", ["outcome"])
 INSTANCES = Gauge("tsukimi_conductor_instances", "Live instances by kind", ["kind"])
+REJECTIONS = Counter("tsukimi_conductor_rejections_total", "Requests rejected before prefill, by reason", ["reason"])
+REPLICA_CHANGES = Counter("tsukimi_conductor_replica_changes_total", "Blocks whose replica count it changed")
+PREDICTED_TTFT = Histogram("tsukimi_conductor_predicted_ttft_seconds", "TTFT predicted at placement",
+                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 DECISION_SECONDS = Histogram("tsukimi_conductor_decision_seconds", "Time to place and dispatch a request",
                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 
@@ -42,7 +56,19 @@ class ConductorService:
         self.settings = settings
         self.instance_id = settings.instance_name("conductor")
         self.registry = InstanceRegistry(settings.instance_ttl_s)
-        self.scheduler = LeastLoadedScheduler()
+        self.pool_view = PoolView()
+        self.view = ClusterView(self.pool_view)
+        self.placer = Placer(PlacementConfig(
+            policy=settings.placement_policy, rejection=settings.rejection, block_tokens=settings.cache_block_tokens,
+            balance_threshold_blocks=settings.balance_threshold_blocks,
+            transfer_bytes_per_s=settings.transfer_bytes_per_s, ttft_slo_s=settings.ttft_slo_s,
+            tbt_slo_s=settings.tbt_slo_s))
+        self._resync: asyncio.Task | None = None
+        self.hot = HotBlocks()
+        # gRPC address of the cache pool master (from its heartbeat), and a channel to it.
+        self._master_address = ""
+        self._master_channel = None
+        self._replicating: asyncio.Task | None = None
         self.journal = journal
         # NOTE: one writer thread keeps journal writes ordered and off the event loop.
         self._journal_writer = ThreadPoolExecutor(1, thread_name_prefix="journal")
@@ -53,16 +79,36 @@ class ConductorService:
             beat = decode(msg.data, Heartbeat)
         except msgspec.ValidationError:
             return
-        if beat.kind not in ("prefill", "decode"):
+        if beat.kind not in ("prefill", "decode", "cachestore"):
             return
         if beat.is_leaving:
             self.registry.remove(beat.instance_id)
-            self.scheduler.forget(beat.instance_id)
+            self.view.forget(beat.instance_id)
             log.info("%s %s left", beat.kind, beat.instance_id)
             return
         if self.registry.observe(beat, time.monotonic()):
             log.info("%s %s joined (model %s)", beat.kind, beat.instance_id, beat.model)
-        self.scheduler.on_heartbeat(beat)
+        self.view.observe(beat, time.monotonic())
+        if beat.kind == "cachestore" and beat.is_pool_master:
+            self._master_address = beat.grpc_address
+
+    async def _on_pool_events(self, msg) -> None:
+        try:
+            events = decode(msg.data, PoolEvents)
+        except msgspec.ValidationError:
+            return
+        if not self.pool_view.apply(events) and (self._resync is None or self._resync.done()):
+            self._resync = asyncio.create_task(self._resynchronise())
+
+    async def _resynchronise(self) -> None:
+        """Loads the pool master's snapshot (after missed events or a new master)."""
+        try:
+            reply = await self.nc.request(subjects.POOL_SNAPSHOT, encode(PoolSnapshotRequest()), timeout=2.0)
+            self.pool_view.load(decode(reply.data, PoolSnapshot))
+            log.info("cache index resynchronised: %d blocks (epoch %s, seq %d)", self.pool_view.num_blocks,
+                     self.pool_view.epoch[:8], self.pool_view.seq)
+        except Exception as exc:  # NOTE: no master yet, or it is busy: the next event retries.
+            log.info("cache index resync failed: %s", exc)
 
     async def _on_submit(self, msg) -> None:
         started = time.perf_counter()
@@ -92,17 +138,42 @@ class ConductorService:
         except Exception as exc:  # NOTE: the journal is an audit trail; a failed write must not fail requests.
             log.warning("journal write failed for %s: %s", request.request_id, exc)
 
+    def decide(self, request: GenerateRequest, now: float) -> tuple[Request, Decision]:
+        """The placement decision for a request (pure given the current view)."""
+        prefills, decodes = self.view.serving(request.model)
+        keys = block_keys(request.prompt_token_ids, self.settings.cache_block_tokens, request.model)
+        wanted = Request(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens, tuple(keys))
+        return wanted, self.placer.place(wanted, now, prefills, decodes, self.view.holdings(keys, prefills))
+
+    def _refusal(self, request: GenerateRequest, decision: Decision) -> ErrorInfo:
+        if decision.rejected == "no_capacity":
+            prefills, _ = self.view.serving(request.model)
+            missing = "decode" if prefills else "prefill"
+            return ErrorInfo(message=f"no {missing} instance is serving model {request.model!r}; retry later",
+                             type="service_unavailable", code="no_capacity", http_status=503)
+        why = {"ttft_slo": f"its time to first token would be {decision.predicted_ttft_s:.1f}s, over the "
+                           f"{self.settings.ttft_slo_s:g}s objective",
+               "tbt_slo": f"its time between tokens would be {decision.predicted_tbt_s * 1000:.0f}ms, over the "
+                          f"{self.settings.tbt_slo_s * 1000:.0f}ms objective",
+               "decode_full": "no decode instance has room for it"}[decision.rejected]
+        return ErrorInfo(message=f"the server is overloaded: {why}; retry later", type="rate_limit_error",
+                         code="overloaded", http_status=429,
+                         retry_after_s=max(1.0, decision.predicted_ttft_s - self.settings.ttft_slo_s))
+
     async def _place(self, request: GenerateRequest) -> SubmitReply:
         now = time.monotonic()
-        placement = self.scheduler.place(
-            request.model, self.registry.alive("prefill", now), self.registry.alive("decode", now))
-        if placement.error:
-            log.warning("refused: %s", placement.error.message)
-            return SubmitReply(is_accepted=False, error=placement.error)
-        task = PrefillTask(request=request, decode_id=placement.decode_id,
-                           decode_segment=placement.decode_segment)
+        wanted, decision = self.decide(request, now)
+        if decision.is_rejected:
+            REJECTIONS.labels(decision.rejected).inc()
+            error = self._refusal(request, decision)
+            log.warning("refused (%s): %s", decision.rejected, error.message)
+            return SubmitReply(is_accepted=False, error=error)
+        PREDICTED_TTFT.observe(decision.predicted_ttft_s)
+        decode_id = decision.decode_id
+        task = PrefillTask(request=request, decode_id=decode_id,
+                           decode_segment=self.registry.get(decode_id).kv_segment)
         last_error = None
-        for prefill_id in placement.prefill_ids[:MAX_PREFILL_ATTEMPTS]:
+        for prefill_id in [decision.prefill_id, *decision.alternates][:MAX_PREFILL_ATTEMPTS]:
             try:
                 reply = await self.nc.request(subjects.prefill_tasks(prefill_id), encode(task),
                                               timeout=self.settings.dispatch_timeout_s)
@@ -110,17 +181,49 @@ class ConductorService:
             except Exception as exc:
                 log.warning("prefill %s did not take the task (%r); dropping it from scheduling", prefill_id, exc)
                 self.registry.remove(prefill_id)
+                self.view.forget(prefill_id)
                 last_error = ErrorInfo(message=f"prefill {prefill_id} unreachable", type="service_unavailable",
                                        code="no_capacity", http_status=503)
                 continue
             if ack.is_accepted:
-                self.scheduler.on_placed(prefill_id, placement.decode_id)
-                log.info("placed on prefill %s, decode %s", prefill_id, placement.decode_id)
-                return SubmitReply(is_accepted=True, prefill_id=prefill_id, decode_id=placement.decode_id)
+                decision.prefill_id = prefill_id
+                self.hot.observe(list(wanted.block_keys), now)
+                if prefill_id in self.view.prefills and decode_id in self.view.decodes:
+                    self.placer.commit(wanted, decision, now, self.view.prefills, self.view.decodes)
+                log.info("placed on prefill %s (reusing %d blocks), decode %s; predicted TTFT %.3fs, TBT %.1fms",
+                         prefill_id, decision.num_reused_blocks, decode_id, decision.predicted_ttft_s,
+                         decision.predicted_tbt_s * 1000)
+                return SubmitReply(is_accepted=True, prefill_id=prefill_id, decode_id=decode_id)
             last_error = ack.error
             if ack.error and 400 <= ack.error.http_status < 500:
                 break
         return SubmitReply(is_accepted=False, error=last_error)
+
+    async def _balance_replicas(self) -> None:
+        """Cache load balancing: asks the pool master to hold hot blocks in more cachestores' DRAM (and cold ones
+        in one again), as their demand in `hot` says."""
+        num_stores = len(self.registry.alive("cachestore", time.monotonic()))
+        targets = self.hot.targets(time.monotonic(), max(1, num_stores))
+        changes = []
+        for key, wanted in targets.items():
+            holders = self.pool_view.holders(key)
+            num_dram = sum(1 for _, tier in holders if tier == "dram")
+            if holders and num_dram != wanted and (wanted > num_dram or num_dram > 1):
+                changes.append((key, wanted))
+        if not changes or not self._master_address:
+            return
+        if self._master_channel is None or self._master_channel[0] != self._master_address:
+            if self._master_channel is not None:
+                await self._master_channel[1].close()
+            self._master_channel = (self._master_address, grpc.aio.insecure_channel(self._master_address))
+        stub = pb_grpc.CacheStoreStub(self._master_channel[1])
+        try:
+            await stub.BatchChangeReplicas(pb.BatchChangeReplicasRequest(changes=[
+                pb.ChangeReplicasRequest(key=key, num_replicas=n) for key, n in changes]), timeout=5)
+            REPLICA_CHANGES.inc(len(changes))
+            log.info("asked the pool for new replica counts of %d hot or cooled blocks", len(changes))
+        except grpc.aio.AioRpcError as exc:
+            log.info("replica change refused: %s", exc.code().name)
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
         return Heartbeat(instance_id=self.instance_id, kind="conductor", sent_at=time.time(), is_leaving=is_leaving)
@@ -129,6 +232,8 @@ class ConductorService:
         self.nc = await connect(self.settings.nats_url, self.instance_id)
         await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.CONDUCTOR_QUEUE, cb=self._on_submit)
+        await self.nc.subscribe(subjects.POOL_EVENTS, cb=self._on_pool_events)
+        self._resync = asyncio.create_task(self._resynchronise())
         beats = asyncio.create_task(heartbeat_forever(
             self.nc, subjects.heartbeat("conductor", self.instance_id), self.heartbeat,
             self.settings.heartbeat_interval_s, stop))
@@ -139,11 +244,15 @@ class ConductorService:
             except asyncio.TimeoutError:
                 pass
             for iid in self.registry.expire(time.monotonic()):
-                self.scheduler.forget(iid)
+                self.view.forget(iid)
+            if self._replicating is None or self._replicating.done():
+                self._replicating = asyncio.create_task(self._balance_replicas())
                 log.warning("instance %s stopped heartbeating; dropped from scheduling", iid)
             for kind in ("prefill", "decode"):
                 INSTANCES.labels(kind).set(len(self.registry.alive(kind, time.monotonic())))
         await beats
+        if self._master_channel is not None:
+            await self._master_channel[1].close()
         await self.nc.drain()
         self._journal_writer.shutdown(wait=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tsukimi.common.messages import ErrorInfo
 
 INVALID_REQUEST = "invalid_request_error"
@@ -34,7 +36,8 @@ class APIError(Exception):
     def from_info(cls, info: ErrorInfo) -> APIError:
         """The error a worker or the conductor reported."""
         status = info.http_status if 400 <= info.http_status <= 599 else 500
-        return cls(status, info.message, type=info.type, code=info.code)
+        headers = {"Retry-After": str(max(1, math.ceil(info.retry_after_s)))} if info.retry_after_s > 0 else None
+        return cls(status, info.message, type=info.type, code=info.code, headers=headers)
 
     def envelope(self) -> dict:
         """The OpenAI error body."""

@@ -6,7 +6,9 @@ the pool degrades to computing the whole prompt: the pool is an accelerator, nev
 
 from __future__ import annotations
 
+import asyncio
 import logging
+
 import grpc
 import numpy as np
 import torch
@@ -35,6 +37,8 @@ class PrefixCache:
         self._address = ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CacheStoreStub | None = None
+        # Calls nobody waits for (lease releases), kept until done.
+        self._pending: set[asyncio.Task] = set()
 
     def use(self, address: str) -> None:
         """Talk to the cachestore at `address` (from its heartbeat); "" forgets it."""
@@ -49,6 +53,8 @@ class PrefixCache:
         return self._stub is not None
 
     async def close(self) -> None:
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=RPC_TIMEOUT_S)
         if self._channel is not None:
             await self._channel.close()
 
@@ -83,7 +89,8 @@ class PrefixCache:
             statuses = await self.transfer.wait(await self.transfer.submit(requests)) if requests else []
         finally:
             self.transfer.unregister(local)
-            await self._release(keys, gets)
+            # NOTE: nobody waits for the release (the bytes are ours now); leases expire anyway if it is lost.
+            self._spawn(self._release(keys, gets))
         good = 0
         for i, st in enumerate(statuses):
             block = staging[i * size:(i + 1) * size]
@@ -102,6 +109,11 @@ class PrefixCache:
             await self._stub.DropReplica(pb.DropReplicaRequest(key=key, replica=replica), timeout=RPC_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             pass
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _release(self, keys, gets) -> None:
         releases = [pb.ReleaseRequest(key=k, lease_id=g.lease_id) for k, g in zip(keys, gets) if g.found]

@@ -89,6 +89,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
             await stub.BatchPutEnd(pb.KeysRequest(keys=[keys[i] for i in idx]))
         return args.num_blocks
 
+    releases: list = []
+
     async def get_round(keys: list[bytes]) -> int:
         # A reader's calls per batch: BatchGet, the READs, BatchRelease. NOTE: the timed rounds do not verify the
         # blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per batch of 32,
@@ -101,8 +103,11 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
                 requests.append(TransferRequest(Op.READ, dst, i * size, replica.segment, replica.buffer_id,
                                                 replica.offset, size))
             await engine.transfer(requests)
-            await stub.BatchRelease(pb.BatchReleaseRequest(releases=[
-                pb.ReleaseRequest(key=keys[i], lease_id=g.lease_id) for i, g in zip(idx, gets)]))
+            # NOTE: as prefill's client does, the release goes out without waiting for its answer.
+            releases.append(asyncio.ensure_future(stub.BatchRelease(pb.BatchReleaseRequest(releases=[
+                pb.ReleaseRequest(key=keys[i], lease_id=g.lease_id) for i, g in zip(idx, gets)]))))
+        await asyncio.gather(*releases)
+        releases.clear()
         return args.num_blocks
 
     results = []

@@ -6,6 +6,8 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+from tsukimi.common.cost_model import CostModel
+
 SCHEMA_VERSION = 1
 
 FinishReason = Literal["stop", "length"]
@@ -45,6 +47,8 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
     code: str | None = None
     # HTTP status the gateway answers with.
     http_status: int = 500
+    # Seconds after which a retry may succeed (sent as Retry-After); 0: no hint.
+    retry_after_s: float = 0.0
 
 
 class KVLayout(msgspec.Struct, frozen=True):
@@ -218,6 +222,14 @@ class Heartbeat(Message):
     num_ssd_bytes: int = 0
     # Random id of this process's run: a restarted instance with the same id is a new member to its master.
     boot_id: str = ""
+    # Host it runs on (instances on one host reach each other's memory through shared memory).
+    host: str = ""
+    # Model workers: the cost model fitted from their own measurements (None until measured).
+    cost_model: CostModel | None = None
+    # Prefill: predicted seconds of the prompts queued or running there.
+    queued_prefill_s: float = 0.0
+    # Decode: tokens of context held by its running batch.
+    num_context_tokens: int = 0
 
 
 class BlockStored(msgspec.Struct, tag=True, frozen=True):

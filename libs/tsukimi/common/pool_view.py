@@ -7,6 +7,10 @@ cachestore instance holds, per tier, to place requests next to their cached pref
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
+
 from tsukimi.common.messages import BlockRemoved, BlockStored, PoolEvents, PoolSnapshot
 
 Holder = tuple[str, str]
@@ -31,6 +35,11 @@ class PoolView:
         self._buffered: list[PoolEvents] = []
         self._holders: dict[bytes, set[Holder]] = {}
         self._keys_by_instance: dict[str, set[bytes]] = {}
+        # The same holders as a bit mask per key (one bit per holder ever seen): prefix matching walks a long
+        # prompt's keys with one AND each.
+        self._masks: dict[bytes, int] = {}
+        self._bits: dict[Holder, int] = {}
+        self._holder_of_bit: list[Holder] = []
 
     @property
     def needs_resync(self) -> bool:
@@ -69,6 +78,7 @@ class PoolView:
         (the messages past the gap stay buffered); otherwise it is in sync and the buffer is emptied."""
         self._holders.clear()
         self._keys_by_instance.clear()
+        self._masks.clear()
         for replica in snapshot.replicas:
             self._store(replica.key, replica.instance_id, replica.tier)
         self.epoch = snapshot.epoch
@@ -93,17 +103,27 @@ class PoolView:
         `lookup_prefix`); tiers holding none of them, starting from the first, are left out."""
         if not keys:
             return {}
-        counts = dict.fromkeys(self._holders.get(keys[0], ()), 1)
-        candidates = set(counts)
-        for key in keys[1:]:
-            candidates &= self._holders.get(key, set())
-            if not candidates:
-                break
-            for holder in candidates:
-                counts[holder] += 1
+        masks = self._masks
+        # Running AND of the keys' holder masks: holders still matching after each key. Bits are only ever
+        # cleared along it, so it never increases and each distinct value's last index is found by bisection.
+        alive = list(itertools.accumulate([masks.get(k, 0) for k in keys], operator.and_))
+        dropped: dict[int, int] = {}  # bit mask of holders -> number of leading keys they hold
+        i, n = 0, len(alive)
+        while i < n and alive[i]:
+            value = alive[i]
+            end = bisect.bisect_right(alive, -value, lo=i, key=operator.neg)
+            following = alive[end] if end < n else 0
+            dropped[value & ~following] = end
+            i = end
         result: dict[str, dict[str, int]] = {}
-        for (instance_id, tier), n in counts.items():
-            result.setdefault(instance_id, {})[tier] = n
+        for mask, n in dropped.items():
+            bit = 0
+            while mask:
+                if mask & 1:
+                    instance_id, tier = self._holder_of_bit[bit]
+                    result.setdefault(instance_id, {})[tier] = n
+                mask >>= 1
+                bit += 1
         return result
 
     def holders(self, key: bytes) -> set[Holder]:
@@ -114,9 +134,13 @@ class PoolView:
         """Drops every replica of an instance (its heartbeat expired); the stream position does not change."""
         for key in self._keys_by_instance.pop(instance_id, ()):
             holders = self._holders[key]
-            holders.difference_update([h for h in holders if h[0] == instance_id])
+            gone = [h for h in holders if h[0] == instance_id]
+            holders.difference_update(gone)
+            for holder in gone:
+                self._masks[key] &= ~(1 << self._bits[holder])
             if not holders:
                 del self._holders[key]
+                del self._masks[key]
 
     # ---- internals -----------------------------------------------------------------------------------
 
@@ -133,17 +157,27 @@ class PoolView:
                 self._remove(event.key, event.instance_id, event.tier)
         self.seq = message.seq
 
+    def _bit(self, holder: Holder) -> int:
+        bit = self._bits.get(holder)
+        if bit is None:
+            bit = self._bits[holder] = len(self._holder_of_bit)
+            self._holder_of_bit.append(holder)
+        return bit
+
     def _store(self, key: bytes, instance_id: str, tier: str) -> None:
         self._holders.setdefault(key, set()).add((instance_id, tier))
         self._keys_by_instance.setdefault(instance_id, set()).add(key)
+        self._masks[key] = self._masks.get(key, 0) | (1 << self._bit((instance_id, tier)))
 
     def _remove(self, key: bytes, instance_id: str, tier: str) -> None:
         holders = self._holders.get(key)
         if holders is None or (instance_id, tier) not in holders:
             return
         holders.discard((instance_id, tier))
+        self._masks[key] &= ~(1 << self._bits[(instance_id, tier)])
         if not holders:
             del self._holders[key]
+            del self._masks[key]
         if not any(h[0] == instance_id for h in holders):
             keys = self._keys_by_instance[instance_id]
             keys.discard(key)

@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     cache_master: str = Field("auto", pattern="^(auto|never)$")
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
+    # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake).
+    placement_policy: str = Field("mooncake", pattern="^(random|round-robin|least-loaded|local-cache|mooncake)$")
+    # Conductor: early rejection (none, early: on the load now, predicted: on the decode load predicted for when
+    # the request reaches decode).
+    rejection: str = Field("predicted", pattern="^(none|early|predicted)$")
+    # SLOs the conductor rejects against (HTTP 429 when a request would miss them); set them to yours.
+    ttft_slo_s: float = Field(30.0, gt=0)
+    tbt_slo_s: float = Field(1.0, gt=0)
+    # Conductor: a remote cached prefix is worth fetching only when longer than the local one by this many blocks.
+    balance_threshold_blocks: int = Field(2, ge=0)
+    # Conductor: bytes per second assumed for a KV transfer between hosts.
+    transfer_bytes_per_s: float = Field(10e9, gt=0)
     # Shared secret the transfer engines of one cluster authenticate each other with.
     cluster_secret: str = ""
     # Seconds a transfer-engine descriptor lives in the metadata store without a refresh.

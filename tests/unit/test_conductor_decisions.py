@@ -1,0 +1,49 @@
+"""The conductor's decisions on its view, without a broker: early rejection answers 429 with Retry-After before
+any prefill is asked; a request for a model nobody serves is a 503."""
+
+import time
+
+from tsukimi.common.cost_model import CostModel
+from tsukimi.common.messages import GenerateRequest, Heartbeat, SamplingParams
+from tsukimi.common.settings import Settings
+from tsukimi.conductor.service import ConductorService
+from tsukimi.gateway.errors import APIError
+
+COST = CostModel(prefill_per_token_s=0.001, decode_base_s=0.01, decode_per_seq_s=0.001, source="measured")
+
+
+class NoJournal:
+    def record(self, *args):
+        pass
+
+
+def service(**settings) -> ConductorService:
+    svc = ConductorService(Settings(nats_url="nats://127.0.0.1:1", **settings), NoJournal())
+    for kind in ("prefill", "decode"):
+        beat = Heartbeat(instance_id=f"{kind}-0", kind=kind, model="demo", max_running=8, cost_model=COST,
+                         kv_segment=f"{kind}-0", queued_prefill_s=40.0 if kind == "prefill" else 0.0)
+        svc.registry.observe(beat, time.monotonic())
+        svc.view.observe(beat, time.monotonic())
+    return svc
+
+
+def request(model="demo") -> GenerateRequest:
+    return GenerateRequest(request_id="r1", model=model, prompt_token_ids=list(range(100)),
+                           sampling=SamplingParams(max_tokens=16), arrival_time=0.0)
+
+
+async def test_a_request_that_would_miss_its_ttft_slo_is_rejected_with_429_and_retry_after():
+    svc = service(ttft_slo_s=30.0, rejection="early")
+    reply = await svc._place(request())  # prefill-0 has 40 s of work queued: nothing is dispatched
+    assert not reply.is_accepted and reply.error.http_status == 429 and reply.error.code == "overloaded"
+    assert "time to first token" in reply.error.message
+    error = APIError.from_info(reply.error)
+    assert error.status == 429 and int(error.headers["Retry-After"]) >= 10
+    assert error.envelope()["error"]["type"] == "rate_limit_error"
+
+
+async def test_unknown_model_is_503_no_capacity():
+    svc = service(rejection="none")
+    reply = await svc._place(request(model="other"))
+    assert reply.error.http_status == 503 and reply.error.code == "no_capacity"
+    assert "prefill" in reply.error.message
