@@ -245,9 +245,9 @@ class ConductorService:
                 pass
             for iid in self.registry.expire(time.monotonic()):
                 self.view.forget(iid)
+                log.warning("instance %s stopped heartbeating; dropped from scheduling", iid)
             if self._replicating is None or self._replicating.done():
                 self._replicating = asyncio.create_task(self._balance_replicas())
-                log.warning("instance %s stopped heartbeating; dropped from scheduling", iid)
             for kind in ("prefill", "decode"):
                 INSTANCES.labels(kind).set(len(self.registry.alive(kind, time.monotonic())))
         await beats

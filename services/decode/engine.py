@@ -6,6 +6,7 @@ returns; it never touches the bus.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -41,6 +42,11 @@ class DecodeEngine:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
+        # (batch size, context tokens, seconds) of the last step's forward and sampling (None when it ran none):
+        # the samples the cost model is fitted to; joins and leaves are not timed.
+        self.last_step: tuple[int, int, float] | None = None
+        # Tokens of context the running batch holds; a plain int, so other threads read it while a step runs.
+        self.num_context_tokens = 0
 
     @property
     def num_waiting(self) -> int:
@@ -68,15 +74,20 @@ class DecodeEngine:
     def step(self, arrived: list[Sequence], cancelled: set[str]) -> tuple[list[TokenEvent], list[str]]:
         """Applies arrivals and cancellations, runs one batch step; returns the token events and the ids of
         requests that left (finished or cancelled)."""
+        self.last_step = None
         self.waiting.extend(arrived)
         left = self._cancel(cancelled)
         self._admit()
         if not self.running:
+            self.num_context_tokens = 0
             return [], left
-        logits = self.batch.step()
         rows = self.batch.rows
+        context = sum(r.num_kv_tokens for r in rows)
+        started = time.perf_counter()
+        logits = self.batch.step()
         seqs = [self.running[r.request_id] for r in rows]
         tokens = sample_batch(logits, [s.sampling for s in seqs], [s.num_output for s in seqs])
+        self.last_step = (len(rows), context, time.perf_counter() - started)
         events, finished = [], set()
         for row, seq, token in zip(rows, seqs, tokens):
             index = seq.num_output
@@ -92,6 +103,7 @@ class DecodeEngine:
             if reason:
                 finished.add(seq.request_id)
         self._leave(finished)
+        self.num_context_tokens = sum(s.num_kv_tokens for s in self.running.values())
         return events, left + sorted(finished)
 
     def _cancel(self, request_ids: set[str]) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import msgspec
@@ -20,6 +21,7 @@ from tsukimi.common.messages import (
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
+from tsukimi.decode.calibration import DecodeCosts, measure
 from tsukimi.decode.engine import DecodeEngine, Sequence
 from tsukimi.decode.kv_inbox import KVInbox, KVRefused
 from tsukimi.model.kv import unpack
@@ -45,9 +47,12 @@ FREED = Counter("tsukimi_decode_freed_requests_total", "Requests whose KV was fr
 class DecodeService:
     """The bus- and socket-facing side of a decode worker."""
 
-    def __init__(self, settings: Settings, engine: DecodeEngine):
+    def __init__(self, settings: Settings, engine: DecodeEngine, costs: DecodeCosts | None = None):
         self.settings = settings
         self.engine = engine
+        # Cost model fitted at start-up and corrected by every step; None: not calibrated, none published.
+        self.costs = costs
+        self.host = socket.gethostname()
         self.instance_id = settings.instance_name("decode")
         self.inbox = KVInbox(settings.kv_arena_bytes, settings.kv_orphan_ttl_s)
         self.transfer: TransferEngine | None = None
@@ -62,7 +67,8 @@ class DecodeService:
             instance_id=self.instance_id, kind="decode", model=self.settings.model_name(),
             kv_segment=self.transfer.segment_name if self.transfer else "", num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
             max_running=self.engine.max_batch_size, num_free_kv_bytes=self.inbox.num_free_bytes,
-            max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving,
+            max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
+            cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
         )
 
     async def _on_reserve(self, msg) -> None:
@@ -164,6 +170,8 @@ class DecodeService:
         if events:
             STEP_SECONDS.observe(time.perf_counter() - started)
             TOKENS.inc(len(events))
+        if self.costs is not None and self.engine.last_step is not None:
+            self.costs.observe(*self.engine.last_step)
         for event in events:
             await self.nc.publish(subjects.stream(event.request_id), encode(event))
         for rid in left:
@@ -188,7 +196,9 @@ def main(settings: Settings) -> None:
     torch.set_num_threads(settings.torch_threads)
     model = load_model(settings.model)
     engine = DecodeEngine(model, settings.max_batch_size, max_model_len(settings.model))
-    service = DecodeService(settings, engine)
+    # NOTE: calibration takes ~1-2 s (bounded by its budget) and runs before the worker serves, so its timings are
+    # not disturbed by requests and the first heartbeat already carries a cost model.
+    service = DecodeService(settings, engine, measure(engine))
 
     def health() -> tuple[bool, dict]:
         return service.nc is not None and service.nc.is_connected, {

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+from collections import deque
 
 import msgspec
 import torch
@@ -27,6 +29,7 @@ from tsukimi.model.kv import pack
 from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
 from tsukimi.model.spec import max_model_len
+from tsukimi.prefill.calibration import PrefillCosts, measure
 from tsukimi.prefill.engine import PrefillEngine
 from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
@@ -53,12 +56,19 @@ OUTCOMES = Counter("tsukimi_prefill_requests_total", "Prefill tasks by outcome",
 class PrefillService:
     """The bus- and socket-facing side of a prefill worker."""
 
-    def __init__(self, settings: Settings, engine: PrefillEngine, max_len: int):
+    def __init__(self, settings: Settings, engine: PrefillEngine, max_len: int, costs: PrefillCosts | None = None):
         self.settings = settings
         self.engine = engine
         self.max_model_len = max_len
+        # Cost model fitted at start-up and corrected by every prefill; None: not calibrated, none published.
+        self.costs = costs
+        self.host = socket.gethostname()
         self.instance_id = settings.instance_name("prefill")
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
+        # Prompt lengths of the queued tasks, in queue order (their predicted time is published).
+        self._queued_lengths: deque[int] = deque()
+        # (perf_counter start, predicted seconds) of the prefill running now.
+        self._running: tuple[float, float] | None = None
         self.transfer: TransferEngine | None = None
         self.cache: PrefixCache | None = None
         # Cachestore whose API `cache` uses.
@@ -74,8 +84,21 @@ class PrefillService:
         return Heartbeat(
             instance_id=self.instance_id, kind="prefill", model=self.settings.model_name(),
             num_waiting=self.queue.qsize(), num_running=self.num_running, max_running=1,
-            max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving,
+            max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
+            cost_model=self.costs.model if self.costs else None, queued_prefill_s=self.queued_prefill_s(),
         )
+
+    def queued_prefill_s(self) -> float:
+        """Predicted seconds until this worker is idle: every queued prompt (as if nothing of it were cached)
+        plus what remains of the running one; 0 without a cost model."""
+        if self.costs is None:
+            return 0.0
+        model = self.costs.model
+        total = sum(model.prefill_s(n) for n in self._queued_lengths)
+        if self._running is not None:
+            started, predicted = self._running
+            total += max(0.0, predicted - (time.perf_counter() - started))
+        return total
 
     async def _on_task(self, msg) -> None:
         try:
@@ -90,6 +113,7 @@ class PrefillService:
             return
         try:
             self.queue.put_nowait(task)
+            self._queued_lengths.append(len(task.request.prompt_token_ids))
         except asyncio.QueueFull:
             error = ErrorInfo(message="prefill queue full", type="service_unavailable", code="busy", http_status=503)
             await msg.respond(encode(TaskAck(is_accepted=False, error=error)))
@@ -148,6 +172,7 @@ class PrefillService:
             if not getter.done():
                 getter.cancel()
                 break
+            self._queued_lengths.popleft()
             QUEUED.set(self.queue.qsize())
             await self._process(getter.result())
         await self._fail_queued("prefill worker shutting down")
@@ -172,18 +197,24 @@ class PrefillService:
             self.num_running = 1
             RUNNING.set(1)
             started = time.perf_counter()
+            num_tokens = len(request.prompt_token_ids)
+            self._expect(started, num_tokens, 0)
             prefix = None
             if self.cache is not None:
                 prefix = await self.cache.load(request.prompt_token_ids, self.engine.block_layout(
                     self.settings.cache_block_tokens))
             num_cached = prefix[0][0].shape[2] if prefix else 0
+            self._expect(started, num_tokens - num_cached, num_cached)
             try:
-                result = await asyncio.to_thread(self.engine.run, request.prompt_token_ids, prefix)
+                result, seconds = await asyncio.to_thread(self._timed_run, request.prompt_token_ids, prefix)
             finally:
                 self.num_running = 0
+                self._running = None
                 RUNNING.set(0)
+            if self.costs is not None:
+                self.costs.observe(num_tokens - num_cached, num_cached, seconds)
             PREFILL_SECONDS.observe(time.perf_counter() - started)
-            PROMPT_TOKENS.inc(len(request.prompt_token_ids) - num_cached)
+            PROMPT_TOKENS.inc(num_tokens - num_cached)
             CACHED_TOKENS.inc(num_cached)
             first = sample(result.logits, request.sampling, 0)
             reason = None
@@ -210,6 +241,17 @@ class PrefillService:
                 message=f"prefill failed: {exc}")))
         finally:
             request_id_var.reset(token)
+
+    def _expect(self, started: float, num_new_tokens: int, num_reused_tokens: int) -> None:
+        """Notes the predicted time of the prefill that started at `started` (for `queued_prefill_s`)."""
+        if self.costs is not None:
+            self._running = (started, self.costs.model.prefill_s(num_new_tokens, num_reused_tokens))
+
+    def _timed_run(self, prompt: list[int], prefix):
+        """`engine.run` and the seconds it took (the cost model's sample), in the worker thread."""
+        started = time.perf_counter()
+        result = self.engine.run(prompt, prefix)
+        return result, time.perf_counter() - started
 
     async def _hand_over(self, task: PrefillTask, first: int, kv) -> None:
         """Reserves room on the decode worker, writes the KV there through the transfer engine, hands over."""
@@ -279,6 +321,7 @@ class PrefillService:
     async def _fail_queued(self, message: str) -> None:
         while not self.queue.empty():
             task = self.queue.get_nowait()
+            self._queued_lengths.popleft()
             await self._emit(TokenEvent(request_id=task.request.request_id, index=0, error=ErrorInfo(
                 message=message, type="service_unavailable", code="worker_stopping", http_status=503)))
 
@@ -291,7 +334,10 @@ def main(settings: Settings) -> None:
         raise SystemExit(f"tsukimi prefill: {exc}") from None
     torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(load_model(settings.model))
-    service = PrefillService(settings, engine, max_model_len(settings.model))
+    max_len = max_model_len(settings.model)
+    # NOTE: calibration takes ~2 s (bounded by its budget) and runs before the worker serves, so its timings are
+    # not disturbed by requests and the first heartbeat already carries a cost model.
+    service = PrefillService(settings, engine, max_len, measure(engine, max_len))
 
     def health() -> tuple[bool, dict]:
         return service.nc is not None and service.nc.is_connected, {
