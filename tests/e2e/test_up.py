@@ -243,7 +243,8 @@ def test_killed_decode_worker_fails_its_stream_fast_and_is_restarted(qwen_up):
                 num_tokens = 0
                 while num_tokens < 3:
                     num_tokens += (await anext(lines)).startswith("data: {")
-                placed = re.search(r"\[victim-\w+\] tsukimi.conductor: placed on prefill \S+, decode (\S+)",
+                placed = re.search(r"\[victim-\w+\] tsukimi.conductor: placed on prefill \S+ \(reusing \d+ blocks\), "
+                                   r"decode ([^;\s]+);",
                                    deployment.log())
                 pid = int(placed.group(1).rsplit("-", 1)[1])
                 os.kill(pid, signal.SIGKILL)
