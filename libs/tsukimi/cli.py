@@ -42,14 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.bench import cachestore as cachestore_bench
 
     cachestore_bench.add_arguments(bench.add_parser("cachestore", help="put/get throughput of the KV cache pool"))
+    from tsukimi.bench import placement as placement_bench
+
+    placement_bench.add_arguments(bench.add_parser("placement", help="time of one conductor placement decision"))
     sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
         dest="sim", required=True)
     from tsukimi.sim import cache as cache_sim
 
     cache_sim.add_arguments(sim.add_parser("cache", help="replay a trace's hash_ids through the pool's index"))
+    from tsukimi.sim import serve as serve_sim
+
+    serve_sim.add_arguments(sim.add_parser(
+        "serve", help="replay a trace through the conductor's placement on modelled prefill/decode instances"))
     args = parser.parse_args(argv)
     if args.command == "sim":
-        return cache_sim.run(args)
+        return serve_sim.run(args) if args.sim == "serve" else cache_sim.run(args)
+    if args.command == "bench" and args.bench == "placement":
+        placement_bench.print_result(placement_bench.run(args), args.json)
+        return 0
     if args.command == "bench" and args.bench == "cachestore":
         cachestore_bench.print_results(cachestore_bench.run(args), args.json)
         return 0

@@ -47,6 +47,17 @@ class LruBlockIndex:
             n += 1
         return n
 
+    def num_leading(self, keys: Sequence[Hashable]) -> int:
+        """How many leading `keys` are present, leaving the LRU order alone: a peek (placement asks every
+        instance, and only the chosen one reads)."""
+        sizes = self._sizes
+        n = 0
+        for key in keys:
+            if key not in sizes:
+                break
+            n += 1
+        return n
+
     def pin(self, key: Hashable) -> None:
         """Protects a present block from eviction until `unpin`."""
         if key not in self._sizes:

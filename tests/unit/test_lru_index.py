@@ -40,3 +40,14 @@ def test_unbounded_never_evicts_and_refresh_is_free():
     for i in range(10_000):
         idx.insert(i, 512)
     assert idx.insert(5, 512) == [] and idx.used == 10_000 * 512 and idx.num_evictions == 0
+
+
+def test_num_leading_peeks_without_touching_lru_order():
+    idx = LruBlockIndex(capacity=4, high_watermark=1.0, evict_share=0.25)
+    for key in "abcd":
+        idx.insert(key, 1)
+    assert idx.num_leading(["a", "b", "z", "c"]) == 2
+    assert idx.num_leading([]) == 0 and idx.num_leading(["z", "a"]) == 0
+    # Unlike match_prefix, the peek left "a" the oldest: it is evicted first.
+    assert idx.insert("e", 1) == ["a"]
+    assert idx.match_prefix(["b"]) == 1 and idx.insert("f", 1) == ["c"]
