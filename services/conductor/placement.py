@@ -38,6 +38,9 @@ class PlacementConfig:
     balance_threshold_blocks: int = 2
     # Bytes per second of a KV transfer between instances.
     transfer_bytes_per_s: float = 25e9
+    # True when prefill streams the KV to decode layer by layer while it computes (only the part the compute
+    # does not hide delays the decode); False: the whole KV moves after the prefill.
+    is_kv_streamed: bool = False
     # SLOs in seconds.
     ttft_slo_s: float = 30.0
     tbt_slo_s: float = 0.1
@@ -73,9 +76,11 @@ class Decision:
     fetch_from: str = ""
     predicted_ttft_s: float = 0.0
     predicted_tbt_s: float = 0.0
-    # Predicted seconds of the prefill itself and of the KV fetch.
+    # Predicted seconds of the prefill itself, of the KV fetch before it, and of the KV hand-over to decode
+    # after it.
     predicted_prefill_s: float = 0.0
     predicted_transfer_s: float = 0.0
+    predicted_handover_s: float = 0.0
     # Set when rejected: "ttft_slo", "tbt_slo", "decode_full" (no batch slot or KV room), "no_capacity" (no
     # instances at all).
     rejected: str = ""
@@ -106,7 +111,10 @@ class Placer:
         ranked, reused, source, transfer_s, prefill_s = prefill_choice
         chosen = ranked[0]
         ttft = transfer_s + chosen.queue_s(now) + prefill_s
-        arrival = now + ttft
+        handover_s = request.num_prompt_tokens * chosen.cost.kv_bytes_per_token / cfg.transfer_bytes_per_s
+        if cfg.is_kv_streamed:
+            handover_s = max(0.0, handover_s - prefill_s)
+        arrival = now + ttft + handover_s
         context = request.num_prompt_tokens + request.num_output_tokens
         decode = self._choose_decode(arrival, context, decodes, now)
         if decode is None:
@@ -115,7 +123,7 @@ class Placer:
         decision = Decision(prefill_id=chosen.instance_id, decode_id=decode.instance_id,
                             num_reused_blocks=reused, fetch_from=source, predicted_ttft_s=ttft,
                             predicted_tbt_s=tbt, predicted_prefill_s=prefill_s, predicted_transfer_s=transfer_s,
-                            alternates=[p.instance_id for p in ranked[1:]])
+                            predicted_handover_s=handover_s, alternates=[p.instance_id for p in ranked[1:]])
         if cfg.rejection != "none":
             # NOTE: `early` judges the decode load of now, `predicted` the load when the request gets there.
             judged_tbt = decode.tbt_with(now, context) if cfg.rejection == "early" else tbt
@@ -133,7 +141,8 @@ class Placer:
         decode = decodes[decision.decode_id]
         context = request.num_prompt_tokens + request.num_output_tokens
         steps = max(1, request.num_output_tokens - 1)
-        decode.add(request.request_id, DecodeEntry(context, done, done + steps * decision.predicted_tbt_s))
+        start = done + decision.predicted_handover_s
+        decode.add(request.request_id, DecodeEntry(context, start, start + steps * decision.predicted_tbt_s))
 
     # ---- internals ---------------------------------------------------------------------------------------
 

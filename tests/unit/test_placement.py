@@ -77,8 +77,10 @@ def test_commit_books_queue_and_decode_entry():
     p.commit(REQ, d, 1.0, {x.instance_id: x for x in prefills}, {x.instance_id: x for x in decodes})
     assert prefills[0].busy_until == pytest.approx(2.0) and prefills[0].num_queued == 1
     entry = decodes[0].entries["r1"]
-    assert (entry.num_context_tokens, entry.start_at) == (1010, pytest.approx(2.0))
-    assert entry.finish_at == pytest.approx(2.0 + 9 * 0.011)
+    # It reaches decode after its prefill and the KV hand-over (1000 tokens x 1000 B at 1e9 B/s = 1 ms).
+    assert d.predicted_handover_s == pytest.approx(0.001)
+    assert (entry.num_context_tokens, entry.start_at) == (1010, pytest.approx(2.001))
+    assert entry.finish_at == pytest.approx(2.001 + 9 * 0.011)
     assert decodes[0].load_at(2.05) == (1, 1010) and decodes[0].load_at(1.5) == (0, 0)
 
 

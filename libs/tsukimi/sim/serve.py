@@ -138,7 +138,7 @@ def simulate(trace: list[dict], cfg: ServeConfig, cost: CostModel, keep_requests
         placement = PlacementConfig(policy=cfg.policy, rejection=cfg.rejection, block_tokens=BLOCK_TOKENS,
                                     balance_threshold_blocks=cfg.balance_threshold_blocks,
                                     transfer_bytes_per_s=cfg.transfer_bytes_per_s, ttft_slo_s=cfg.ttft_slo_s,
-                                    tbt_slo_s=cfg.tbt_slo_s, seed=cfg.seed)
+                                    tbt_slo_s=cfg.tbt_slo_s, seed=cfg.seed, is_kv_streamed=cfg.overlap_kv)
         system = DisaggregatedSim(cost, cfg.prefill, cfg.decode, placement, int(cfg.cache_tokens_per_node),
                                   cfg.max_batch, int(cfg.kv_tokens_per_instance), overlap_kv=cfg.overlap_kv,
                                   view_refresh_s=cfg.view_refresh_s, sample_every_s=cfg.sample_every_s)
