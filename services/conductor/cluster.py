@@ -47,6 +47,8 @@ class DecodeEntry:
     # When it joins the batch and when it leaves.
     start_at: float
     finish_at: float
+    # True once the decode instance reported holding it (its disappearance then means it is over).
+    is_seen: bool = False
 
 
 class DecodeInstance:
@@ -111,6 +113,26 @@ class DecodeInstance:
         """Forgets entries that should have started by `now` (the instance says it runs nothing)."""
         self._drop([rid for rid, e in self._entries.items() if e.start_at <= now])
 
+    def sync(self, now: float, progress: dict[str, tuple[int, int]], step_s: float, stale_s: float) -> None:
+        """Re-books entries from the instance's own report: a request it holds finishes after its remaining
+        tokens at `step_s` each; one it held and no longer holds is over; one it never held yet is still on its
+        way (moved to start now, dropped after `stale_s` late); one it holds that nobody placed here (another
+        conductor, or before a restart) is added."""
+        for rid, entry in list(self._entries.items()):
+            held = progress.get(rid)
+            if held is not None:
+                entry.start_at = min(entry.start_at, now)
+                entry.finish_at = now + max(1, held[0]) * step_s
+                entry.is_seen = True
+            elif entry.is_seen or now - entry.start_at > stale_s:
+                del self._entries[rid]
+            elif entry.start_at < now:
+                entry.start_at, entry.finish_at = now, now + (entry.finish_at - entry.start_at)
+        for rid, (remaining, context) in progress.items():
+            if rid not in self._entries:
+                self._entries[rid] = DecodeEntry(context, now, now + max(1, remaining) * step_s, is_seen=True)
+        self._times = None
+
     def _drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             del self._entries[rid]
@@ -127,8 +149,10 @@ class ClusterView:
     """The conductor's instances, kept from heartbeats (and its own placements through `Placer.commit`), and
     where cached blocks are: `pool` is the cache pool's index mirrored from its events, keyed by cachestore."""
 
-    def __init__(self, pool) -> None:
+    def __init__(self, pool, stale_s: float = 60.0) -> None:
         self.pool = pool
+        # Seconds past its predicted start after which a request decode never reported is forgotten.
+        self.stale_s = stale_s
         self.prefills: dict[str, PrefillInstance] = {}
         self.decodes: dict[str, DecodeInstance] = {}
         # Instance id -> (kind, model, host) of every worker and cachestore heard from.
@@ -154,6 +178,10 @@ class ClusterView:
             if d is None:
                 d = self.decodes[beat.instance_id] = DecodeInstance(beat.instance_id, cost, beat.max_running, kv_tokens)
             d.cost, d.max_batch_size, d.num_kv_tokens = cost, beat.max_running, kv_tokens
+            if beat.progress is not None:
+                step_s = cost.decode_step_s(max(1, beat.num_running), beat.num_context_tokens)
+                d.sync(now, beat.progress, step_s, self.stale_s)
+                return
             if beat.num_running == 0 and beat.num_waiting == 0:
                 # NOTE: nothing runs there: entries that should have started are over (or never came).
                 d.drop_started(now)

@@ -56,6 +56,13 @@ class DecodeEngine:
     def num_running(self) -> int:
         return len(self.running)
 
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per request held: (output tokens still to generate, context tokens at its end). Safe to call from
+        another thread while a step runs (the sequences are copied in one step under the GIL)."""
+        sequences = list(self.running.values()) + list(self.waiting)
+        return {s.request_id: (max(0, s.sampling.max_tokens - s.num_output), s.num_kv_tokens + s.sampling.max_tokens)
+                for s in sequences}
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

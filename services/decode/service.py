@@ -69,6 +69,7 @@ class DecodeService:
             max_running=self.engine.max_batch_size, num_free_kv_bytes=self.inbox.num_free_bytes,
             max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
+            progress=self.engine.progress(),
         )
 
     async def _on_reserve(self, msg) -> None:

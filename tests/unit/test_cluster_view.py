@@ -1,6 +1,7 @@
 """The conductor's view of the cluster from heartbeats and pool events, and decisions made on it (no broker).
 Exact expectations."""
 
+import msgspec
 import pytest
 
 from tsukimi.common.cost_model import CostModel
@@ -91,3 +92,33 @@ def test_registry_drops_silent_and_leaving_instances():
     assert r.get("p0") is None
     r.remove("d0")
     assert r.alive("decode", now=4.1) == []
+
+
+def test_decode_progress_rebooks_entries_and_adopts_requests_placed_elsewhere():
+    view = view_with(beat("p0", "prefill"), beat("d0", "decode"))
+    placer = Placer(PlacementConfig(rejection="none"))
+    for rid in ("a", "b", "c"):
+        req = Request(rid, 100, 50)
+        d = placer.place(req, 0.0, *view.serving("demo"), {})
+        placer.commit(req, d, 0.0, view.prefills, view.decodes)
+    entries = view.decodes["d0"].entries
+    assert sorted(entries) == ["a", "b", "c"]
+    # At t=1 decode holds a (10 tokens left) and x (placed by another conductor); b and c have not arrived.
+    step = COST.decode_step_s(2, 500)
+    view.observe(_with_progress(beat("d0", "decode", running=2, context=500), {"a": (10, 150), "x": (5, 300)}), 1.0)
+    assert sorted(entries) == ["a", "b", "c", "x"]
+    assert entries["a"].finish_at == pytest.approx(1.0 + 10 * step) and entries["a"].is_seen
+    assert entries["x"].num_context_tokens == 300
+    assert entries["b"].start_at >= 1.0 and not entries["b"].is_seen  # still on its way
+    # At t=2 a is gone (finished); b arrived; c is still coming; x still runs.
+    view.observe(_with_progress(beat("d0", "decode", running=2, context=400), {"b": (49, 150), "x": (3, 300)}), 2.0)
+    assert sorted(entries) == ["b", "c", "x"]
+    # c never shows up: forgotten once it is more than stale_s late.
+    view.stale_s = 5.0
+    view.observe(_with_progress(beat("d0", "decode", running=1, context=300), {"x": (1, 300)}), 10.0)
+    assert sorted(entries) == ["x"]
+    assert view.decodes["d0"].load_at(10.0) == (1, 300)
+
+
+def _with_progress(b, progress):
+    return msgspec.structs.replace(b, progress=progress)

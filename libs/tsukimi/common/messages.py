@@ -230,6 +230,9 @@ class Heartbeat(Message):
     queued_prefill_s: float = 0.0
     # Decode: tokens of context held by its running batch.
     num_context_tokens: int = 0
+    # Decode: per request it holds (waiting or running): (output tokens still to generate, tokens of context it
+    # will hold at its end). None from instances that do not report it.
+    progress: dict[str, tuple[int, int]] | None = None
 
 
 class BlockStored(msgspec.Struct, tag=True, frozen=True):
