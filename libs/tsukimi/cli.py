@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.bench import placement as placement_bench
 
     placement_bench.add_arguments(bench.add_parser("placement", help="time of one conductor placement decision"))
+    from tsukimi.bench import serve as serve_bench
+
+    serve_bench.add_arguments(bench.add_parser(
+        "serve", help="load an OpenAI-compatible endpoint (trace replay or synthetic): TTFT, TBT, capacity"))
     sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
         dest="sim", required=True)
     from tsukimi.sim import cache as cache_sim
@@ -60,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.bench == "placement":
         placement_bench.print_result(placement_bench.run(args), args.json)
         return 0
+    if args.command == "bench" and args.bench == "serve":
+        return serve_bench.run(args)
     if args.command == "bench" and args.bench == "cachestore":
         cachestore_bench.print_results(cachestore_bench.run(args), args.json)
         return 0

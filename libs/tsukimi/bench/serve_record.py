@@ -1,0 +1,122 @@
+"""One streamed request's record: what `tsukimi bench serve` saw of it, and the SSE parsing that fills it. Pure.
+
+Times are seconds from the run's start. A token's time is the arrival of the SSE chunk that carried its text: a
+server may put several tokens in one chunk (a detokenizer holding back an incomplete UTF-8 character does), so
+chunk counts and usage's `completion_tokens` are both kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+OK, REJECTED, FAILED, PENDING = "ok", "rejected", "failed", "pending"
+# Failure kinds besides `http_<status>`.
+CLIENT_OVERLOAD = "client_overload"  # --max-outstanding requests were already out: never sent
+UNFINISHED = "unfinished"  # still streaming when the drain time ran out
+TIMEOUT = "timeout"
+CONNECTION = "connection"
+STREAM_ERROR = "stream_error"  # an error event inside a 200 stream
+TRUNCATED = "truncated"  # the stream ended without [DONE] or a finish reason
+
+
+@dataclass
+class RequestRecord:
+    """What happened to one planned request."""
+
+    index: int
+    arrival_s: float
+    max_tokens: int
+    sent_s: float | None = None
+    status: int | None = None
+    outcome: str = PENDING
+    error: str | None = None
+    message: str | None = None
+    retry_after: str | None = None
+    # Arrival of each chunk that carried output text.
+    token_times: list[float] = field(default_factory=list)
+    # Arrival of the chunk that carried the finish reason.
+    finish_s: float | None = None
+    finish_reason: str | None = None
+    done_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    is_done_seen: bool = False
+
+    def fail(self, kind: str, message: str | None = None) -> None:
+        """Marks it failed (the first failure wins)."""
+        if self.outcome == FAILED:
+            return
+        self.outcome, self.error, self.message = FAILED, kind, message
+
+    @property
+    def output_times(self) -> list[float]:
+        """When its output tokens were out: the text chunks, or the finish chunk alone for an empty answer."""
+        if self.token_times:
+            return self.token_times
+        return [self.finish_s] if self.finish_s is not None else []
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens received: usage's count when the server sent it, else the text chunks."""
+        return self.completion_tokens if self.completion_tokens is not None else len(self.token_times)
+
+
+class SseDecoder:
+    """Server-sent events from lines (without their newline): `feed` returns an event's data when a blank line
+    ends it (several `data:` lines joined by newlines), else None; `flush` ends the stream."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> str | None:
+        line = line.rstrip("\r")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        if not self._data:
+            return None
+        data, self._data = "\n".join(self._data), []
+        return data
+
+
+def apply_event(rec: RequestRecord, data: str, now: float) -> bool:
+    """Records one event's data received at `now`; True for `[DONE]` (the end of the stream)."""
+    if data.strip() == "[DONE]":
+        rec.is_done_seen = True
+        return True
+    try:
+        obj = json.loads(data)
+    except json.JSONDecodeError:
+        rec.fail(STREAM_ERROR, f"not JSON: {data[:80]!r}")
+        return False
+    if not isinstance(obj, dict):
+        return False
+    if obj.get("error") is not None:
+        err = obj["error"]
+        rec.fail(STREAM_ERROR, err.get("message") if isinstance(err, dict) else str(err))
+        return False
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        rec.cached_tokens = details.get("cached_tokens") if isinstance(details, dict) else None
+    for choice in obj.get("choices") or []:
+        text = choice.get("text")
+        if text is None:
+            text = (choice.get("delta") or {}).get("content")
+        if text:
+            rec.token_times.append(now)
+        if choice.get("finish_reason"):
+            rec.finish_reason = choice["finish_reason"]
+            rec.finish_s = now
+    return False
