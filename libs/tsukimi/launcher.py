@@ -29,6 +29,18 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats-url", default=None, help="use this NATS server instead of an embedded one")
     parser.add_argument("--database-url", default=None,
                         help="SQLAlchemy URL of the conductor's journal (default: SQLite under ~/.cache/tsukimi)")
+    parser.add_argument("--colocated", action="store_true",
+                        help="the vLLM-style baseline: worker processes that each do both prefill and decode of their "
+                             "requests on one device (continuous batching), no cache pool; same API")
+    parser.add_argument("--colocated-instances", type=int, default=2, metavar="N",
+                        help="with --colocated: colocated worker processes (default 2: as many devices as the "
+                             "default 1 prefill + 1 decode)")
+    parser.add_argument("--colocated-prefix-cache", action="store_true",
+                        help="with --colocated: each instance reuses prefixes from its own in-process LRU cache "
+                             "(size TSUKIMI_LOCAL_PREFIX_CACHE_BYTES)")
+    parser.add_argument("--chunked-prefill", type=int, default=None, metavar="K",
+                        help="with --colocated: prefill prompts in chunks of K tokens interleaved with decode steps "
+                             "(default TSUKIMI_CHUNKED_PREFILL_TOKENS, 0 = whole prompts)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the API to be ready")
 
@@ -101,7 +113,9 @@ class Launcher:
         return env
 
     def _start(self, service: str, env: dict[str, str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "tsukimi", service], env=env, preexec_fn=_die_with_parent)
+        # NOTE: the colocated worker is not a `tsukimi` subcommand of its own; it runs as a module.
+        command = ["-m", "tsukimi.decode.colocated"] if service == "colocated" else ["-m", "tsukimi", service]
+        return subprocess.Popen([sys.executable, *command], env=env, preexec_fn=_die_with_parent)
 
     def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:
         self.children.append(Child(name, service, self._start(service, env), env))
@@ -124,6 +138,17 @@ class Launcher:
         if args.prefill < 1 or args.decode < 1 or args.cachestore < 1:
             _say("--prefill, --decode and --cachestore need at least 1")
             return 2
+        colocated = getattr(args, "colocated", False)
+        if colocated and args.colocated_instances < 1:
+            _say("--colocated-instances needs at least 1")
+            return 2
+        if not colocated and (getattr(args, "colocated_prefix_cache", False)
+                              or getattr(args, "chunked_prefill", None) is not None):
+            _say("--colocated-prefix-cache and --chunked-prefill apply to --colocated only")
+            return 2
+        if colocated and args.chunked_prefill is not None and args.chunked_prefill < 0:
+            _say("--chunked-prefill needs 0 or more tokens")
+            return 2
         if args.model != "demo" and not os.path.isdir(args.model):
             _say(f"--model must be 'demo' or a checkpoint directory; {args.model!r} is neither")
             return 2
@@ -144,6 +169,8 @@ class Launcher:
             nats_url = self.nats.url
             _say(f"embedded NATS (JetStream) at {nats_url}")
         env = self._env(nats_url)
+        if getattr(args, "colocated", False):
+            return self._run_colocated(env)
         for i in range(args.cachestore):
             name = "cachestore" if args.cachestore == 1 else f"cachestore-{i}"
             child_env = dict(env)
@@ -156,6 +183,28 @@ class Launcher:
         for i in range(args.decode):
             self._spawn(f"decode-{i}", "decode", env)
         self._spawn("gateway", "gateway", env)
+        return self._serve(f"{args.prefill} prefill, {args.decode} decode")
+
+    def _run_colocated(self, env: dict[str, str]) -> int:
+        """The vLLM-style baseline: a conductor placing each request on one colocated worker (prefill and decode
+        in one process, one device), no cache pool."""
+        args = self.args
+        env = dict(env, TSUKIMI_PLACEMENT_POLICY="colocated",
+                   TSUKIMI_IS_CACHE_ENABLED="true" if args.colocated_prefix_cache else "false")
+        if args.chunked_prefill is not None:
+            env["TSUKIMI_CHUNKED_PREFILL_TOKENS"] = str(args.chunked_prefill)
+        self._spawn("conductor", "conductor", env)
+        for i in range(args.colocated_instances):
+            self._spawn(f"colocated-{i}", "colocated", env)
+        self._spawn("gateway", "gateway", env)
+        chunk = int(env.get("TSUKIMI_CHUNKED_PREFILL_TOKENS") or 0)
+        return self._serve(f"{args.colocated_instances} colocated, chunked prefill "
+                           f"{f'{chunk} tokens' if chunk else 'off'}, "
+                           f"prefix cache {'local' if args.colocated_prefix_cache else 'off'}")
+
+    def _serve(self, layout: str) -> int:
+        """Waits until the API is ready, then watches (restarts) the children until a signal."""
+        args = self.args
         api = f"http://{args.host}:{args.port}"
         deadline = time.monotonic() + args.ready_timeout
         while not _is_ready(f"{api}/health"):
@@ -169,8 +218,7 @@ class Launcher:
                 return 1
             time.sleep(0.2)
         model = "demo (built-in seeded Llama)" if args.model == "demo" else args.model
-        _say(f"ready. API at {api}/v1 serving model {model} "
-             f"({args.prefill} prefill, {args.decode} decode). Ctrl-C stops everything.")
+        _say(f"ready. API at {api}/v1 serving model {model} ({layout}). Ctrl-C stops everything.")
         while self._stop_signal is None:
             if (dead := self._dead_child()) is not None and not self._restart(dead):
                 _say(f"{dead.name} died {MAX_RESTARTS + 1} times within {RESTART_WINDOW_S:.0f}s; stopping everything")

@@ -26,6 +26,8 @@ class PrefillInstance:
     busy_until: float = 0.0
     # Requests queued or running there.
     num_queued: int = 0
+    # Colocated worker: id of the decode instance in the same process ("" when disaggregated).
+    colocated_with: str = ""
 
     def queue_s(self, now: float) -> float:
         """Predicted wait before a new prefill starts there."""
@@ -115,9 +117,9 @@ class DecodeInstance:
 
     def sync(self, now: float, progress: dict[str, tuple[int, int]], step_s: float, stale_s: float) -> None:
         """Re-books entries from the instance's own report: a request it holds finishes after its remaining
-        tokens at `step_s` each; one it held and no longer holds is over; one it never held yet is still on its
-        way (moved to start now, dropped after `stale_s` late); one it holds that nobody placed here (another
-        conductor, or before a restart) is added."""
+        tokens at `step_s` each; one it held and no longer holds is over; one it never held is still on its way
+        until `stale_s` after its predicted start; one it holds that nobody placed here (another conductor, or
+        before a restart) is added."""
         for rid, entry in list(self._entries.items()):
             held = progress.get(rid)
             if held is not None:
@@ -125,9 +127,9 @@ class DecodeInstance:
                 entry.finish_at = now + max(1, held[0]) * step_s
                 entry.is_seen = True
             elif entry.is_seen or now - entry.start_at > stale_s:
+                # NOTE: a short answer can come and go between two heartbeats; one that is merely late comes back
+                # through the adoption below once the instance holds it.
                 del self._entries[rid]
-            elif entry.start_at < now:
-                entry.start_at, entry.finish_at = now, now + (entry.finish_at - entry.start_at)
         for rid, (remaining, context) in progress.items():
             if rid not in self._entries:
                 self._entries[rid] = DecodeEntry(context, now, now + max(1, remaining) * step_s, is_seen=True)
@@ -149,7 +151,7 @@ class ClusterView:
     """The conductor's instances, kept from heartbeats (and its own placements through `Placer.commit`), and
     where cached blocks are: `pool` is the cache pool's index mirrored from its events, keyed by cachestore."""
 
-    def __init__(self, pool, stale_s: float = 60.0) -> None:
+    def __init__(self, pool, stale_s: float = 3.0) -> None:
         self.pool = pool
         # Seconds past its predicted start after which a request decode never reported is forgotten.
         self.stale_s = stale_s
@@ -167,6 +169,7 @@ class ClusterView:
             if p is None:
                 p = self.prefills[beat.instance_id] = PrefillInstance(beat.instance_id, cost)
             p.cost = cost
+            p.colocated_with = beat.colocated_with
             # NOTE: the worker's own estimate of its queue replaces ours (other conductors place there too).
             p.busy_until = now + beat.queued_prefill_s
             p.num_queued = beat.num_waiting + beat.num_running

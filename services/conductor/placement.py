@@ -8,7 +8,11 @@ Policies (for comparison; `mooncake` is the default):
 - `mooncake`: the paper's Algorithm 1: per prefill instance, its own prefix or, when the best prefix anywhere is
   longer by more than the balancing threshold and fetching it is faster than computing it, that one plus its
   transfer time; TTFT = transfer + queue + prefill; the decode instance with the lowest predicted TBT that has
-  room. The instance that fetches a remote prefix keeps it (hot prefixes spread by themselves).
+  room. The instance that fetches a remote prefix keeps it (hot prefixes spread by themselves);
+- `colocated`: the vLLM-style baseline (`tsukimi up --colocated`): prefill and decode on the same colocated
+  pair (a prefill instance and the decode instance it names in `colocated_with`), the least loaded one: fewest
+  requests placed there and not finished (what vLLM instances behind a load balancer get), then the shortest
+  prefill queue; each instance reuses only its own prefix cache (no fetching, no alternates).
 
 Rejection: `none`; `early` (the chosen pair's predicted TTFT or current-load TBT misses its SLO); `predicted`
 (TBT predicted for the moment the request reaches decode, from the requests already headed there and those
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from tsukimi.conductor.cluster import DecodeEntry, DecodeInstance, PrefillInstance
 
 POLICIES = ("random", "round-robin", "least-loaded", "local-cache", "mooncake")
+# Every policy the conductor runs: the disaggregated ones (which `tsukimi sim serve` compares) and `colocated`.
+ALL_POLICIES = POLICIES + ("colocated",)
 REJECTIONS = ("none", "early", "predicted")
 
 
@@ -47,8 +53,8 @@ class PlacementConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(POLICIES)}")
+        if self.policy not in ALL_POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; one of {', '.join(ALL_POLICIES)}")
         if self.rejection not in REJECTIONS:
             raise ValueError(f"unknown rejection {self.rejection!r}; one of {', '.join(REJECTIONS)}")
 
@@ -107,16 +113,26 @@ class Placer:
         if not prefills or not decodes:
             return Decision(rejected="no_capacity")
         cfg = self.config
-        prefill_choice = self._choose_prefill(request, now, prefills, holdings)
-        ranked, reused, source, transfer_s, prefill_s = prefill_choice
-        chosen = ranked[0]
+        if cfg.policy == "colocated":
+            pair = self._choose_pair(request, now, prefills, decodes, holdings)
+            if pair is None:
+                return Decision(rejected="no_capacity")
+            (chosen, decode), reused = pair
+            ranked, source, transfer_s, prefill_s = [chosen], "", 0.0, self._estimate(request, chosen, reused)
+        else:
+            prefill_choice = self._choose_prefill(request, now, prefills, holdings)
+            ranked, reused, source, transfer_s, prefill_s = prefill_choice
+            chosen = ranked[0]
         ttft = transfer_s + chosen.queue_s(now) + prefill_s
         handover_s = request.num_prompt_tokens * chosen.cost.kv_bytes_per_token / cfg.transfer_bytes_per_s
         if cfg.is_kv_streamed:
             handover_s = max(0.0, handover_s - prefill_s)
         arrival = now + ttft + handover_s
         context = request.num_prompt_tokens + request.num_output_tokens
-        decode = self._choose_decode(arrival, context, decodes, now)
+        if cfg.policy != "colocated":
+            decode = self._choose_decode(arrival, context, decodes, now)
+        elif cfg.rejection != "none" and not decode.can_fit(arrival, context):
+            decode = None
         if decode is None:
             return Decision(rejected="decode_full", predicted_ttft_s=ttft)
         tbt = decode.tbt_with(arrival, context)
@@ -138,9 +154,11 @@ class Placer:
         """Books an accepted decision into the instances' predicted load."""
         prefill = prefills[decision.prefill_id]
         done = prefill.enqueue(now, decision.predicted_transfer_s + decision.predicted_prefill_s)
+        if request.num_output_tokens <= 1:
+            return  # NOTE: prefill's token is the whole answer: nothing runs on decode.
         decode = decodes[decision.decode_id]
         context = request.num_prompt_tokens + request.num_output_tokens
-        steps = max(1, request.num_output_tokens - 1)
+        steps = request.num_output_tokens - 1
         start = done + decision.predicted_handover_s
         decode.add(request.request_id, DecodeEntry(context, start, start + steps * decision.predicted_tbt_s))
 
@@ -195,6 +213,17 @@ class Placer:
         scored.sort(key=lambda s: (s[0], s[1]))
         _, _, p, reused, source, transfer_s, prefill_s = scored[0]
         return [s[2] for s in scored], reused, source, transfer_s, prefill_s
+
+    def _choose_pair(self, request: Request, now: float, prefills: list[PrefillInstance],
+                     decodes: list[DecodeInstance], holdings: dict[str, int]):
+        """((prefill, decode) of the least loaded colocated pair, blocks its prefill reuses), or None when no
+        prefill instance has its colocated decode instance live."""
+        by_id = {d.instance_id: d for d in decodes}
+        pairs = [(p, by_id[p.colocated_with]) for p in prefills if p.colocated_with in by_id]
+        if not pairs:
+            return None
+        pair = min(pairs, key=lambda pd: (len(pd[1].entries), pd[0].queue_s(now), pd[0].instance_id))
+        return pair, holdings.get(pair[0].instance_id, 0)
 
     def _choose_decode(self, arrival: float, context: int, decodes: list[DecodeInstance], now: float
                        ) -> DecodeInstance | None:

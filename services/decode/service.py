@@ -47,8 +47,11 @@ FREED = Counter("tsukimi_decode_freed_requests_total", "Requests whose KV was fr
 class DecodeService:
     """The bus- and socket-facing side of a decode worker."""
 
-    def __init__(self, settings: Settings, engine: DecodeEngine, costs: DecodeCosts | None = None):
+    def __init__(self, settings: Settings, engine: DecodeEngine, costs: DecodeCosts | None = None,
+                 colocated_with: str = ""):
         self.settings = settings
+        # Colocated worker: id of the prefill half of this process ("" when disaggregated).
+        self.colocated_with = colocated_with
         self.engine = engine
         # Cost model fitted at start-up and corrected by every step; None: not calibrated, none published.
         self.costs = costs
@@ -69,7 +72,7 @@ class DecodeService:
             max_running=self.engine.max_batch_size, num_free_kv_bytes=self.inbox.num_free_bytes,
             max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
-            progress=self.engine.progress(),
+            progress=self.engine.progress(), colocated_with=self.colocated_with,
         )
 
     async def _on_reserve(self, msg) -> None:

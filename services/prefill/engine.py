@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +26,13 @@ class PrefillResult:
 class PrefillEngine:
     """Computes prompts' KV caches with a Hugging Face causal LM."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int = 0,
+                 compute: Callable[[], AbstractContextManager] = nullcontext):
         self.model = model
+        # Prompt tokens per forward (chunked prefill); 0: the whole prompt in one forward.
+        self.chunk_tokens = chunk_tokens
+        # Context every forward runs in (the colocated worker's device lock); the lock is let go between chunks.
+        self.compute = compute
 
     def block_layout(self, block_tokens: int) -> KVLayout:
         """Shape of one cache block of this model's KV."""
@@ -45,7 +52,12 @@ class PrefillEngine:
             raise ValueError(f"prefix of {num_prefix} tokens leaves nothing to compute of {len(prompt_token_ids)}")
         cache = DynamicCache(ddp_cache_data=prefix_kv, config=self.model.config) if prefix_kv else DynamicCache(
             config=self.model.config)
-        input_ids = torch.tensor([prompt_token_ids[num_prefix:]], dtype=torch.long)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        rest = prompt_token_ids[num_prefix:]
+        step = self.chunk_tokens or len(rest)
+        for start in range(0, len(rest), step):
+            input_ids = torch.tensor([rest[start:start + step]], dtype=torch.long)
+            with self.compute():
+                out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            cache = out.cache
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
         return PrefillResult(logits=out.logits[0, -1].float(), kv=kv)

@@ -56,7 +56,8 @@ OUTCOMES = Counter("tsukimi_prefill_requests_total", "Prefill tasks by outcome",
 class PrefillService:
     """The bus- and socket-facing side of a prefill worker."""
 
-    def __init__(self, settings: Settings, engine: PrefillEngine, max_len: int, costs: PrefillCosts | None = None):
+    def __init__(self, settings: Settings, engine: PrefillEngine, max_len: int, costs: PrefillCosts | None = None,
+                 cache=None, colocated_with: str = ""):
         self.settings = settings
         self.engine = engine
         self.max_model_len = max_len
@@ -70,7 +71,12 @@ class PrefillService:
         # (perf_counter start, predicted seconds) of the prefill running now.
         self._running: tuple[float, float] | None = None
         self.transfer: TransferEngine | None = None
-        self.cache: PrefixCache | None = None
+        # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
+        # colocated worker's in-process cache: then the pool is not used).
+        self.cache: PrefixCache | None = cache
+        self._has_own_cache = cache is not None
+        # Colocated worker: id of the decode half of this process ("" when disaggregated).
+        self.colocated_with = colocated_with
         # Cachestore whose API `cache` uses.
         self._cachestore_id = ""
         # Background stores of new KV blocks, awaited (briefly) on shutdown.
@@ -86,6 +92,7 @@ class PrefillService:
             num_waiting=self.queue.qsize(), num_running=self.num_running, max_running=1,
             max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, queued_prefill_s=self.queued_prefill_s(),
+            colocated_with=self.colocated_with,
         )
 
     def queued_prefill_s(self) -> float:
@@ -154,7 +161,7 @@ class PrefillService:
             host=self.settings.kv_host, port=self.settings.kv_port,
             num_connections=self.settings.transfer_connections, timeout_s=self.settings.kv_transfer_timeout_s)
         await self.transfer.start()
-        if self.settings.is_cache_enabled:
+        if self.settings.is_cache_enabled and not self._has_own_cache:
             self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens)
             await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
         await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)

@@ -109,7 +109,7 @@ def test_decode_progress_rebooks_entries_and_adopts_requests_placed_elsewhere():
     assert sorted(entries) == ["a", "b", "c", "x"]
     assert entries["a"].finish_at == pytest.approx(1.0 + 10 * step) and entries["a"].is_seen
     assert entries["x"].num_context_tokens == 300
-    assert entries["b"].start_at >= 1.0 and not entries["b"].is_seen  # still on its way
+    assert not entries["b"].is_seen  # still on its way
     # At t=2 a is gone (finished); b arrived; c is still coming; x still runs.
     view.observe(_with_progress(beat("d0", "decode", running=2, context=400), {"b": (49, 150), "x": (3, 300)}), 2.0)
     assert sorted(entries) == ["b", "c", "x"]

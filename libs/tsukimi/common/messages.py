@@ -233,6 +233,9 @@ class Heartbeat(Message):
     # Decode: per request it holds (waiting or running): (output tokens still to generate, tokens of context it
     # will hold at its end). None from instances that do not report it.
     progress: dict[str, tuple[int, int]] | None = None
+    # Colocated worker (`tsukimi up --colocated`): id of the other half of its process (a prefill names its
+    # decode and vice versa); "" for a disaggregated instance.
+    colocated_with: str = ""
 
 
 class BlockStored(msgspec.Struct, tag=True, frozen=True):

@@ -73,8 +73,14 @@ class Settings(BaseSettings):
     cache_master: str = Field("auto", pattern="^(auto|never)$")
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
-    # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake).
-    placement_policy: str = Field("mooncake", pattern="^(random|round-robin|least-loaded|local-cache|mooncake)$")
+    # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake; colocated: the
+    # vLLM-style baseline, each request on the least loaded colocated prefill+decode pair of one process).
+    placement_policy: str = Field(
+        "mooncake", pattern="^(random|round-robin|least-loaded|local-cache|mooncake|colocated)$")
+    # Colocated worker: prompt tokens per prefill chunk, interleaved with decode steps; 0: whole prompts.
+    chunked_prefill_tokens: int = Field(0, ge=0)
+    # Colocated worker: bytes of its own in-process prefix cache (used when `is_cache_enabled`).
+    local_prefix_cache_bytes: int = Field(256 << 20, ge=0)
     # Conductor: early rejection (none, early: on the load now, predicted: on the decode load predicted for when
     # the request reaches decode).
     rejection: str = Field("predicted", pattern="^(none|early|predicted)$")
