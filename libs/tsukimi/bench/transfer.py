@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="concurrent submitters")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of measurement")
     parser.add_argument("--connections", type=int, default=4, help="tcp connections per peer")
-    parser.add_argument("--window", type=int, default=8, help="tcp requests in flight per connection")
+    parser.add_argument("--window", type=int, default=16, help="tcp requests in flight per connection")
     parser.add_argument("--nats-url", default=None, help="metadata service (default: an embedded NATS)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compare", action="store_true",

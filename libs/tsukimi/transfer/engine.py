@@ -99,7 +99,7 @@ class TransferEngine:
         transports: tuple[str, ...] = ("shm", "tcp"),
         force_transport: str | None = None,
         num_connections: int = 4,
-        window: int = 8,
+        window: int = 16,
         slice_bytes: int = 1 << 20,
         shm_slice_bytes: int = 8 << 20,
         timeout_s: float = 10.0,

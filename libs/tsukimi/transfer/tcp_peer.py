@@ -21,7 +21,7 @@ class TcpPeer:
 
     name = "tcp"
 
-    def __init__(self, address: str, secret: bytes, num_connections: int = 4, window: int = 8,
+    def __init__(self, address: str, secret: bytes, num_connections: int = 4, window: int = 16,
                  timeout_s: float = 10.0, connect_timeout_s: float = 3.0):
         host, port = address.rsplit(":", 1)
         self.address = (host, int(port))
