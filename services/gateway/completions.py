@@ -248,7 +248,10 @@ class Completions:
         )
         reply = await self._bus.submit(request)
         if not reply.is_accepted:
-            call.generation.mark_rejected()
+            # NOTE: a conductor that fell silent may have handed the request on before dying: only a refusal it
+            # did answer means nobody works on it; otherwise the close below cancels it everywhere.
+            if not (reply.error and reply.error.code == "no_conductor"):
+                call.generation.mark_rejected()
             info = reply.error or ErrorInfo(
                 message="the request was refused", type=errors.SERVICE_UNAVAILABLE, http_status=503
             )

@@ -383,10 +383,19 @@ async def test_models_metrics_and_request_id(gateway, client, workers):
 
 
 async def test_silent_conductor_is_503(nats_url, nc):
+    """A conductor that dies while placing a request: the client gets an explicit 503, and the request is
+    cancelled everywhere (the conductor may have handed it to a prefill worker before dying)."""
+    submitted: list[GenerateRequest] = []
+    cancels: list[CancelRequest] = []
+
     async def ignore(msg):
-        return None
+        submitted.append(decode(msg.data, GenerateRequest))
+
+    async def on_cancel(msg):
+        cancels.append(decode(msg.data, CancelRequest))
 
     sub = await nc.subscribe(subjects.SUBMIT, queue=subjects.CONDUCTOR_QUEUE, cb=ignore)
+    cancel_sub = await nc.subscribe(subjects.CANCEL, cb=on_cancel)
     await nc.flush()
     service = GatewayService(Settings(nats_url=nats_url, gateway_port=0, submit_timeout_s=0.2))
     await service.start()
@@ -396,9 +405,15 @@ async def test_silent_conductor_is_503(nats_url, nc):
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "no_conductor"
         assert response.json()["error"]["type"] == "service_unavailable"
+        for _ in range(50):
+            if cancels:
+                break
+            await asyncio.sleep(0.02)
+        assert [c.request_id for c in cancels] == [submitted[0].request_id]
     finally:
         await service.stop()
         await sub.unsubscribe()
+        await cancel_sub.unsubscribe()
 
 
 async def test_concurrent_requests_do_not_mix(client, workers):
