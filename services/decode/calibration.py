@@ -11,11 +11,10 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections import deque
 
 import torch
 
-from tsukimi.common.cost_model import CostModel, fit_decode
+from tsukimi.common.cost_model import CostModel, CostTracker, Sample, fit_decode
 from tsukimi.common.messages import SamplingParams
 from tsukimi.decode.engine import DecodeEngine, Sequence
 from tsukimi.model.kv import dtype_name
@@ -28,8 +27,6 @@ CONFIGS = ((1, 64), (4, 64), (1, 512), (16, 64), (4, 512), (16, 512))
 BUDGET_S = 2.5
 # Timed steps per configuration, after one untimed step (the join and first-call allocations).
 STEPS = 3
-
-Sample = tuple[int, int, float]
 
 
 def calibrate(engine: DecodeEngine, budget_s: float = BUDGET_S, seed: int = 0) -> list[Sample]:
@@ -98,35 +95,15 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return 2 * layers * heads * head_dim * element
 
 
-class DecodeCosts:
+class DecodeCosts(CostTracker):
     """The current decode cost model: calibration samples plus a window of recent real steps."""
 
-    def __init__(self, calibration: list[Sample], kv_bytes_per_token: int, window: int = 256, refit_every: int = 32):
-        if not calibration:
-            raise ValueError("no calibration samples")
-        self.calibration = list(calibration)
-        self.kv_bytes_per_token = kv_bytes_per_token
-        self.recent: deque[Sample] = deque(maxlen=window)
-        self.refit_every = refit_every
-        self._since_refit = 0
-        self.model = self._fit()
+    def __init__(self, calibration: list[Sample], kv_bytes_per_token: int, window: int = 256,
+                 refit_every: int = 32):
+        super().__init__(calibration, kv_bytes_per_token, window, refit_every)
 
-    def observe(self, batch_size: int, num_context_tokens: int, seconds: float) -> None:
-        """Records one real step; refits every `refit_every` of them."""
-        if batch_size <= 0 or seconds <= 0:
-            return
-        self.recent.append((batch_size, num_context_tokens, seconds))
-        self._since_refit += 1
-        if self._since_refit >= self.refit_every:
-            self.refit()
-
-    def refit(self) -> CostModel:
-        self._since_refit = 0
-        self.model = self._fit()
-        return self.model
-
-    def _fit(self) -> CostModel:
-        d0, d1, d2 = fit_decode(self.calibration + list(self.recent))
+    def _fit(self, samples: list[Sample]) -> CostModel:
+        d0, d1, d2 = fit_decode(samples)
         return CostModel(decode_base_s=d0, decode_per_seq_s=d1, decode_per_context_token_s=d2,
                          kv_bytes_per_token=self.kv_bytes_per_token, source="measured")
 

@@ -12,9 +12,8 @@ import logging
 import random
 import statistics
 import time
-from collections import deque
 
-from tsukimi.common.cost_model import CostModel, fit_prefill
+from tsukimi.common.cost_model import CostModel, CostTracker, Sample, fit_prefill
 from tsukimi.prefill.engine import PrefillEngine
 
 log = logging.getLogger("tsukimi.prefill")
@@ -27,8 +26,6 @@ BUDGET_S = 2.5
 REPEATS = 3
 SLOW_REPEATS = 2
 SLOW_RUN_S = 0.1
-
-Sample = tuple[int, int, float]
 
 
 def calibrate(engine: PrefillEngine, max_len: int, budget_s: float = BUDGET_S, seed: int = 0) -> list[Sample]:
@@ -89,35 +86,15 @@ def kv_bytes_per_token(engine: PrefillEngine) -> int:
     return engine.block_layout(1).num_bytes
 
 
-class PrefillCosts:
+class PrefillCosts(CostTracker):
     """The current prefill cost model: calibration samples plus a window of recent real prefills."""
 
-    def __init__(self, calibration: list[Sample], kv_bytes_per_token: int, window: int = 64, refit_every: int = 8):
-        if not calibration:
-            raise ValueError("no calibration samples")
-        self.calibration = list(calibration)
-        self.kv_bytes_per_token = kv_bytes_per_token
-        self.recent: deque[Sample] = deque(maxlen=window)
-        self.refit_every = refit_every
-        self._since_refit = 0
-        self.model = self._fit()
+    def __init__(self, calibration: list[Sample], kv_bytes_per_token: int, window: int = 64,
+                 refit_every: int = 8):
+        super().__init__(calibration, kv_bytes_per_token, window, refit_every)
 
-    def observe(self, num_new_tokens: int, num_reused_tokens: int, seconds: float) -> None:
-        """Records one real prefill; refits every `refit_every` of them."""
-        if num_new_tokens <= 0 or seconds <= 0:
-            return
-        self.recent.append((num_new_tokens, num_reused_tokens, seconds))
-        self._since_refit += 1
-        if self._since_refit >= self.refit_every:
-            self.refit()
-
-    def refit(self) -> CostModel:
-        self._since_refit = 0
-        self.model = self._fit()
-        return self.model
-
-    def _fit(self) -> CostModel:
-        p0, p1, p2 = fit_prefill(self.calibration + list(self.recent))
+    def _fit(self, samples: list[Sample]) -> CostModel:
+        p0, p1, p2 = fit_prefill(samples)
         return CostModel(prefill_base_s=p0, prefill_per_token_s=p1, prefill_per_pair_s=p2,
                          kv_bytes_per_token=self.kv_bytes_per_token, source="measured")
 

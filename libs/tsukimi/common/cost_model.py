@@ -12,8 +12,13 @@ Pure: no torch; numpy only for fitting.
 
 from __future__ import annotations
 
+from collections import deque
+
 import msgspec
 import numpy as np
+
+# One timing: (new tokens, reused tokens, seconds) for prefill, (batch size, context tokens, seconds) for decode.
+Sample = tuple[int, int, float]
 
 
 class CostModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,6 +63,38 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True):
             prefill_per_pair_s=self.prefill_per_pair_s * prefill_factor,
             decode_base_s=self.decode_base_s * decode_factor, decode_per_seq_s=self.decode_per_seq_s * decode_factor,
             decode_per_context_token_s=self.decode_per_context_token_s * decode_factor)
+
+
+class CostTracker:
+    """A worker's current cost model: fitted to its calibration samples plus a window of recent real timings,
+    refitted every `refit_every` new ones. Subclasses say which half of the model the samples fit (`_fit`)."""
+
+    def __init__(self, calibration: list[Sample], kv_bytes_per_token: int, window: int, refit_every: int):
+        if not calibration:
+            raise ValueError("no calibration samples")
+        self.calibration = list(calibration)
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.recent: deque[Sample] = deque(maxlen=window)
+        self.refit_every = refit_every
+        self._since_refit = 0
+        self.model = self._fit(self.calibration)
+
+    def observe(self, size: int, context: int, seconds: float) -> None:
+        """Records one real timing; refits every `refit_every` of them."""
+        if size <= 0 or seconds <= 0:
+            return
+        self.recent.append((size, context, seconds))
+        self._since_refit += 1
+        if self._since_refit >= self.refit_every:
+            self.refit()
+
+    def refit(self) -> CostModel:
+        self._since_refit = 0
+        self.model = self._fit(self.calibration + list(self.recent))
+        return self.model
+
+    def _fit(self, samples: list[Sample]) -> CostModel:
+        raise NotImplementedError
 
 
 def fit_prefill(samples: list[tuple[int, int, float]]) -> tuple[float, float, float]:
