@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 
@@ -48,14 +49,20 @@ GRPC_GRACE_S = 2.0
 POOL_BUCKET = "tsukimi_pools"
 
 
+def ssd_owner(directory: str) -> str:
+    """The name an SSD tier's rows carry in a shared index: this host and the tier's directory."""
+    return f"{socket.gethostname()}:{os.path.abspath(directory)}"
+
+
 def open_ssd(settings: Settings) -> SsdTier | None:
     """The SSD tier configured for this instance (its blocks recovered), or None."""
     if not settings.cache_ssd_dir:
         return None
     directory = os.path.abspath(settings.cache_ssd_dir)
     url = settings.cache_database_url or f"sqlite:///{os.path.join(directory, 'index.sqlite')}"
-    # NOTE: owned by its directory, not the instance id (which changes with the pid): a restart finds its blocks.
-    ssd = SsdTier(directory, url, owner=directory, capacity_bytes=settings.cache_ssd_bytes)
+    # NOTE: owned by host and directory, not the instance id (which changes with the pid): a restart finds its
+    # blocks, and instances on other hosts sharing one PostgreSQL index never touch each other's rows.
+    ssd = SsdTier(directory, url, owner=ssd_owner(directory), capacity_bytes=settings.cache_ssd_bytes)
     blocks = ssd.recover()
     log.info("SSD tier in %s: %d blocks (%d bytes) recovered", directory, len(blocks), ssd.used_bytes)
     return ssd

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import sqlalchemy
 
+from tsukimi.cachestore.service import ssd_owner
 from tsukimi.cachestore.ssd_tier import ssd_blocks_table
 from tsukimi.common import subjects
 from tsukimi.common.checksum import block_checksum
@@ -244,5 +245,6 @@ async def test_instances_form_one_pool_with_ssd_replicas_failover_and_restart(na
         await nc.close()
         engine_pg = sqlalchemy.create_engine(postgres)
         with engine_pg.begin() as conn:
-            conn.execute(ssd_blocks_table.delete().where(ssd_blocks_table.c.owner == str(tmp_path / "ssd-cs-b")))
+            owner = ssd_owner(str(tmp_path / "ssd-cs-b"))
+            conn.execute(ssd_blocks_table.delete().where(ssd_blocks_table.c.owner == owner))
         engine_pg.dispose()
