@@ -13,15 +13,13 @@ from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import Heartbeat
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
-from tsukimi.decode.batch import DecodeBatch, Row
 from tsukimi.decode.colocated import ComputeLock, LocalPrefixCache
 from tsukimi.model.kv import layout_of
 from tsukimi.model.loader import build_demo_model
 from tsukimi.prefill.engine import PrefillEngine
 
-TINY = {"vocab_size": 257, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "eos_token_id": 256,
-        "initializer_range": 0.2}
+from tests.unit.tiny_model import TINY, greedy, reference
+
 
 
 # ---- ComputeLock ------------------------------------------------------------------------------------------
@@ -164,25 +162,6 @@ def test_local_cache_evicts_least_recently_used_tails_first():
 @pytest.fixture(scope="module")
 def model():
     return build_demo_model(TINY, seed=3)
-
-
-def greedy(model, prefill: PrefillEngine, prompt, n, prefix_kv=None):
-    result = prefill.run(prompt, prefix_kv)
-    token = int(result.logits.argmax())
-    batch = DecodeBatch(model)
-    batch.add([Row("r", len(prompt), token)], [result.kv])
-    out = [token]
-    for _ in range(n - 1):
-        token = int(batch.step()[0].argmax())
-        batch.rows[0].next_token_id = token
-        out.append(token)
-    return out
-
-
-def reference(model, prompt, n):
-    ids = torch.tensor([prompt])
-    return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 16, 100])
