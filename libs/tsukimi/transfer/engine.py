@@ -308,17 +308,24 @@ class TransferEngine:
             peer.descriptor = descriptor
         return descriptor
 
-    async def _refresh_dead_peers(self, names: set[str]) -> None:
+    async def _refresh_dead_peers(self, names: set[str], alive: dict[int, bool]) -> None:
         """Re-reads the descriptors of same-host peers whose process has died: a restarted peer published a new
-        one under the same name (a dead one stays dead, and its requests fail)."""
+        one under the same name (a dead one stays dead, and its requests fail). Records in `alive` what it learnt
+        of each pid, so the batch does not ask again."""
         for name in names:
             peer = self._peers.get(name)
-            if peer is None or peer.descriptor.host_id != local_host_id() or pid_alive(peer.descriptor.pid):
+            if peer is None or peer.descriptor.host_id != local_host_id():
+                continue
+            pid = peer.descriptor.pid
+            alive[pid] = pid_alive(pid)
+            if alive[pid]:
                 continue
             try:
-                await self.open_segment(name, refresh=True)
+                descriptor = await self.open_segment(name, refresh=True)
             except TransferError:
-                pass
+                continue
+            if descriptor.pid not in alive:
+                alive[descriptor.pid] = pid_alive(descriptor.pid)
 
     def _drop_peer(self, name: str) -> None:
         peer = self._peers.pop(name, None)
@@ -392,7 +399,7 @@ class TransferEngine:
         alive: dict[int, bool] = {}
         # (segment, buffer id) -> (descriptor, buffer, transport, why): looked up once per batch, not per request.
         targets: dict[tuple[str, int], tuple] = {}
-        await self._refresh_dead_peers({r.segment for r in batch.requests})
+        await self._refresh_dead_peers({r.segment for r in batch.requests}, alive)
         for index, request in enumerate(batch.requests):
             problem = self._check_local(request)
             if problem:
