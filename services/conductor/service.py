@@ -208,7 +208,7 @@ class ConductorService:
         for key, wanted in targets.items():
             holders = self.pool_view.holders(key)
             num_dram = sum(1 for _, tier in holders if tier == "dram")
-            if holders and num_dram != wanted and (wanted > num_dram or num_dram > 1):
+            if holders and num_dram != wanted:
                 changes.append((key, wanted))
         if not changes or not self._master_address:
             return
