@@ -44,11 +44,6 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self.master_hint = ""
         self._num_evictions = 0
 
-    def _replica(self, r: Replica) -> pb.Replica:
-        instance = self.pool.instances[r.instance_id]
-        return pb.Replica(instance_id=r.instance_id, segment=instance.segment, buffer_id=instance.buffer_id,
-                          tier=r.tier, offset=r.offset, size=r.size)
-
     def _fill(self, out, replicas: list[Replica]) -> None:
         """Appends replicas to a repeated field in place (no intermediate messages)."""
         instances = self.pool.instances
@@ -115,7 +110,9 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if isinstance(result, PoolError):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(result))
-        return pb.PutStartReply(replicas=[self._replica(r) for r in result])
+        reply = pb.PutStartReply()
+        self._fill(reply.replicas, result)
+        return reply
 
     @_timed
     async def BatchPutStart(self, request, context):
@@ -224,14 +221,19 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         (result,) = await self._change([request])
         if isinstance(result, PoolError):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(result))
-        return pb.ChangeReplicasReply(replicas=[self._replica(r) for r in result])
+        reply = pb.ChangeReplicasReply()
+        self._fill(reply.replicas, result)
+        return reply
 
     @_timed
     async def BatchChangeReplicas(self, request, context):
         results = await self._change(request.changes)
-        return pb.BatchChangeReplicasReply(changes=[
-            pb.ChangeReplicasReply(replicas=[] if isinstance(r, PoolError) else [self._replica(x) for x in r])
-            for r in results])
+        reply = pb.BatchChangeReplicasReply()
+        for result in results:
+            out = reply.changes.add()
+            if not isinstance(result, PoolError):
+                self._fill(out.replicas, result)
+        return reply
 
     # ---- stats -------------------------------------------------------------------------------------------
 
