@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 SERVICES = ("gateway", "conductor", "prefill", "decode", "cachestore")

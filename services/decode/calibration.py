@@ -9,15 +9,15 @@ speed.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
 
 from tsukimi.common.cost_model import CostModel, CostTracker, Sample, fit_decode
 from tsukimi.common.messages import SamplingParams
-from tsukimi.decode.engine import DecodeEngine, Sequence
-from tsukimi.model.kv import dtype_name
+from tsukimi.decode.engine import DecodeEngine
+from tsukimi.decode.kv_blocks import KVBlocks
+from tsukimi.model.kv import block_layout
 
 log = logging.getLogger("tsukimi.decode")
 
@@ -36,8 +36,8 @@ def calibrate(engine: DecodeEngine, budget_s: float = BUDGET_S, seed: int = 0) -
     `max_batch_size`, contexts by its `max_model_len`; configurations are skipped once the budget would be exceeded,
     but the first one is always measured.
     """
-    model = engine.batch.model
-    layout = kv_layout(model)
+    model = engine.model
+    block = engine.kv.block
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
@@ -48,14 +48,13 @@ def calibrate(engine: DecodeEngine, budget_s: float = BUDGET_S, seed: int = 0) -
         if samples and time.perf_counter() - started + estimate > budget_s:
             break
         config_started = time.perf_counter()
-        scratch = DecodeEngine(model, batch, engine.max_model_len)
-        sequences = [Sequence(
-            request_id=f"calibration-{i}", sampling=SamplingParams(temperature=0.0, max_tokens=1 << 30),
-            num_output=1, num_kv_tokens=context, next_token_id=0,
-            kv=[(torch.randn(1, layout[1], context, layout[2], generator=generator, dtype=dtype),
-                 torch.randn(1, layout[1], context, layout[2], generator=generator, dtype=dtype))
-                for _ in range(layout[0])],
-        ) for i in range(batch)]
+        blocks_per_seq = -(-(context + STEPS + 2) // block.seq_len)
+        scratch = DecodeEngine(model, batch, engine.max_model_len, KVBlocks(block, batch * blocks_per_seq))
+        sequences = [scratch.sequence_with_kv(
+            f"calibration-{i}", SamplingParams(temperature=0.0, max_tokens=1 << 30),
+            [(torch.randn(1, block.num_kv_heads, context, block.head_dim, generator=generator, dtype=dtype),
+              torch.randn(1, block.num_kv_heads, context, block.head_dim, generator=generator, dtype=dtype))
+             for _ in range(block.num_layers)], 0) for i in range(batch)]
         scratch.step(sequences, set())
         steps = []
         for _ in range(STEPS):
@@ -80,19 +79,9 @@ def _configs(max_batch_size: int, max_context: int) -> list[tuple[int, int]]:
     return configs
 
 
-def kv_layout(model: torch.nn.Module) -> tuple[int, int, int, int]:
-    """(layers, KV heads, head size, bytes per element) of the model's KV cache."""
-    config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    element = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype_name(next(model.parameters()).dtype)]
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim, element
-
-
 def kv_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of KV (K and V of every layer) one token of this model takes."""
-    layers, heads, head_dim, element = kv_layout(model)
-    return 2 * layers * heads * head_dim * element
+    return block_layout(model, 1).num_bytes
 
 
 class DecodeCosts(CostTracker):
@@ -110,7 +99,7 @@ class DecodeCosts(CostTracker):
 
 def measure(engine: DecodeEngine, budget_s: float = BUDGET_S) -> DecodeCosts:
     """Calibrates `engine`'s model and returns the cost tracker to publish and correct online."""
-    costs = DecodeCosts(calibrate(engine, budget_s), kv_bytes_per_token(engine.batch.model))
+    costs = DecodeCosts(calibrate(engine, budget_s), kv_bytes_per_token(engine.model))
     m = costs.model
     log.info("decode cost model: %.2fms + %.3fms/sequence + %.3fus/context token", m.decode_base_s * 1e3,
              m.decode_per_seq_s * 1e3, m.decode_per_context_token_s * 1e6)

@@ -198,7 +198,9 @@ def main(settings) -> None:
     """Runs one colocated worker (prefill + decode over one model and one device) until SIGINT/SIGTERM."""
     from tsukimi.common.runner import run_with_probe
     from tsukimi.decode import calibration as decode_calibration
-    from tsukimi.decode.service import DecodeService
+    from tsukimi.decode.kv_blocks import KVBlocks
+    from tsukimi.decode.service import DecodeService, bound_by_tbt
+    from tsukimi.model.kv import block_layout
     from tsukimi.model.loader import load_model
     from tsukimi.model.spec import max_model_len
     from tsukimi.prefill import calibration as prefill_calibration
@@ -215,7 +217,8 @@ def main(settings) -> None:
     model = load_model(settings.model)
     max_len = max_model_len(settings.model)
     lock = ComputeLock()
-    decode_engine = _locked_decode_engine(lock)(model, settings.max_batch_size, max_len)
+    kv = KVBlocks.shared(block_layout(model, settings.cache_block_tokens), settings.kv_arena_bytes)
+    decode_engine = _locked_decode_engine(lock)(model, settings.max_batch_size, max_len, kv)
     chunk = settings.chunked_prefill_tokens
     prefill_engine = PrefillEngine(model, chunk, lock.chunk_turns(decode_engine.has_work) if chunk else lock.hold)
     # NOTE: calibrated one after the other before serving: nothing else holds the device yet.
@@ -226,7 +229,8 @@ def main(settings) -> None:
         cache = LocalPrefixCache(settings.model_name(), settings.cache_block_tokens, settings.local_prefix_cache_bytes)
     prefill = PrefillService(settings.model_copy(update={"instance_id": prefill_id}), prefill_engine, max_len,
                              prefill_costs, cache=cache, colocated_with=decode_id)
-    decode = DecodeService(settings.model_copy(update={"instance_id": decode_id}), decode_engine, decode_costs,
+    decode = DecodeService(settings.model_copy(update={"instance_id": decode_id}),
+                           bound_by_tbt(decode_engine, decode_costs, settings.tbt_slo_s), decode_costs,
                            colocated_with=prefill_id)
     log.info("colocated worker %s: chunked prefill %s, local prefix cache %s", name,
              f"{chunk} tokens" if chunk else "off",

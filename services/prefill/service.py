@@ -1,6 +1,7 @@
 """Prefill worker process: computes prompts' KV and first tokens, hands each request to its decode worker.
 
-The loop reads as: take the next task, run it (in a thread), send the first token, transfer the KV, hand over.
+The loop reads as: take the next task, reserve decode blocks, run it (in a thread) while each finished layer's KV
+streams into those blocks, send the first token, hand over.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVReservation, KVReserve, PrefillTask, TaskAck, TokenEvent,
-    decode, encode,
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVReservation, KVReserve, PrefillTask, TaskAck,
+    TokenEvent, decode, encode,
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
-from tsukimi.model.kv import pack
 from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
 from tsukimi.model.spec import max_model_len
 from tsukimi.prefill.calibration import PrefillCosts, measure
-from tsukimi.prefill.engine import PrefillEngine
+from tsukimi.prefill.engine import PrefillEngine, PrefillStopped
+from tsukimi.prefill.kv_stream import KVStream
 from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
 from tsukimi.transfer.metadata import NatsMetadataStore
@@ -39,13 +40,19 @@ log = logging.getLogger("tsukimi.prefill")
 
 # Seconds a cancellation is remembered: longer than a task can wait in the queue.
 CANCEL_MEMORY_S = 600.0
+# Seconds between two reservation attempts while the decode worker's KV blocks are all in use.
+RESERVE_RETRY_S = 0.05
 
 QUEUED = Gauge("tsukimi_prefill_waiting_requests", "Prefill tasks queued")
 RUNNING = Gauge("tsukimi_prefill_running_requests", "Prefill tasks computing")
 PREFILL_SECONDS = Histogram("tsukimi_prefill_seconds", "Forward time of one prompt",
                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
-TRANSFER_SECONDS = Histogram("tsukimi_prefill_kv_transfer_seconds", "Time to move one request's KV to decode",
+TRANSFER_SECONDS = Histogram("tsukimi_prefill_kv_transfer_seconds",
+                             "Time from one request's first KV write to decode to its last one done",
                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+EXPOSED_SECONDS = Histogram("tsukimi_prefill_kv_transfer_exposed_seconds",
+                            "Part of a request's KV transfer after its forward ended (not hidden behind compute)",
+                            buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 TRANSFER_BYTES = Counter("tsukimi_prefill_kv_transfer_bytes_total", "KV bytes sent to decode workers")
 PROMPT_TOKENS = Counter("tsukimi_prefill_prompt_tokens_total", "Prompt tokens computed")
 CACHED_TOKENS = Counter("tsukimi_prefill_cached_tokens_total", "Prompt tokens loaded from the KV pool instead")
@@ -196,6 +203,7 @@ class PrefillService:
         rid = request.request_id
         token = request_id_var.set(rid)
         next_index = 0
+        stream: KVStream | None = None
         try:
             if rid in self.cancelled:
                 OUTCOMES.labels("cancelled").inc()
@@ -212,15 +220,25 @@ class PrefillService:
                     self.settings.cache_block_tokens))
             num_cached = prefix[0][0].shape[2] if prefix else 0
             self._expect(started, num_tokens - num_cached, num_cached)
+            if request.sampling.max_tokens > 1:
+                stream = await self._open_stream(task)
+                if stream is None:
+                    return
+            layerwise = stream is not None and self.settings.kv_layerwise
             try:
-                result, seconds = await asyncio.to_thread(self._timed_run, request.prompt_token_ids, prefix)
+                result, seconds = await asyncio.to_thread(
+                    self._timed_run, request.prompt_token_ids, prefix, stream.send_layer if layerwise else None,
+                    lambda: rid in self.cancelled or (stream is not None and stream.has_failed))
             finally:
                 self.num_running = 0
                 self._running = None
                 RUNNING.set(0)
+            computed_at = time.perf_counter()
+            if stream is not None and not layerwise:
+                stream.send_all(result.kv)
             if self.costs is not None:
                 self.costs.observe(num_tokens - num_cached, num_cached, seconds)
-            PREFILL_SECONDS.observe(time.perf_counter() - started)
+            PREFILL_SECONDS.observe(computed_at - started)
             PROMPT_TOKENS.inc(num_tokens - num_cached)
             CACHED_TOKENS.inc(num_cached)
             first = sample(result.logits, request.sampling, 0)
@@ -236,17 +254,32 @@ class PrefillService:
             if reason is not None:
                 OUTCOMES.labels("finished").inc()
                 return
+            timing = await stream.finish(computed_at)
             if rid in self.cancelled:
                 OUTCOMES.labels("cancelled").inc()
-                log.info("cancelled after prefill: KV not sent")
+                log.info("cancelled after prefill: KV not handed over")
                 return
-            await self._hand_over(task, first, result.kv)
+            TRANSFER_SECONDS.observe(timing.transfer_s)
+            EXPOSED_SECONDS.observe(timing.exposed_s)
+            TRANSFER_BYTES.inc(stream.num_tokens * self.engine.block_layout(1).num_bytes)
+            await self._hand_over(task, first, stream)
+            stream = None  # handed over: decode owns the blocks
+        except PrefillStopped as exc:
+            if rid in self.cancelled:
+                OUTCOMES.labels("cancelled").inc()
+                log.info("prefill stopped: cancelled (%s)", exc)
+            else:
+                await self._fail_transfer(task, next_index, stream)
+        except TransferError:
+            await self._fail_transfer(task, next_index, stream)
         except Exception as exc:  # NOTE: one bad request must not stop the worker; the client gets the error.
             log.exception("prefill failed")
             OUTCOMES.labels("failed").inc()
             await self._emit(TokenEvent(request_id=rid, index=next_index, error=ErrorInfo(
                 message=f"prefill failed: {exc}")))
         finally:
+            if stream is not None:
+                await self._release(task, stream)
             request_id_var.reset(token)
 
     def _expect(self, started: float, num_new_tokens: int, num_reused_tokens: int) -> None:
@@ -254,40 +287,71 @@ class PrefillService:
         if self.costs is not None:
             self._running = (started, self.costs.model.prefill_s(num_new_tokens, num_reused_tokens))
 
-    def _timed_run(self, prompt: list[int], prefix):
+    def _timed_run(self, prompt: list[int], prefix, on_layer, should_stop):
         """`engine.run` and the seconds it took (the cost model's sample), in the worker thread."""
         started = time.perf_counter()
-        result = self.engine.run(prompt, prefix)
+        result = self.engine.run(prompt, prefix, on_layer=on_layer, should_stop=should_stop)
         return result, time.perf_counter() - started
 
-    async def _hand_over(self, task: PrefillTask, first: int, kv) -> None:
-        """Reserves room on the decode worker, writes the KV there through the transfer engine, hands over."""
+    async def _open_stream(self, task: PrefillTask) -> KVStream | None:
+        """Reserves blocks for the prompt's KV on the decode worker (asking again while they are all in use, up
+        to `kv_reserve_wait_s`); None when refused (the client has been told) or cancelled meanwhile."""
         rid = task.request.request_id
-        layout, flat = pack(kv)
-        started = time.perf_counter()
-        reservation = await self._ask_decode(task.decode_id, subjects.decode_reserve(task.decode_id),
-                                             KVReserve(request_id=rid, num_bytes=layout.num_bytes), KVReservation)
+        num_tokens = len(task.request.prompt_token_ids)
+        deadline = time.monotonic() + self.settings.kv_reserve_wait_s
+        while True:
+            reservation = await self._ask_decode(task.decode_id, subjects.decode_reserve(task.decode_id),
+                                                 KVReserve(request_id=rid, num_tokens=num_tokens), KVReservation)
+            if reservation.is_accepted or rid in self.cancelled:
+                break
+            if reservation.error is None or reservation.error.code != "kv_full" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(RESERVE_RETRY_S)
+        if rid in self.cancelled:
+            OUTCOMES.labels("cancelled").inc()
+            if reservation.is_accepted:
+                await self.nc.publish(subjects.decode_release(task.decode_id), encode(KVRelease(request_id=rid)))
+            return None
         if not reservation.is_accepted:
             OUTCOMES.labels("reserve_failed").inc()
-            if rid not in self.cancelled:
-                await self._emit(TokenEvent(request_id=rid, index=1, error=reservation.error))
-            return
-        local = self.transfer.register(flat.numpy(), read_only=True)
+            await self._emit(TokenEvent(request_id=rid, index=0, error=reservation.error))
+            return None
         try:
-            await self.transfer.write(local, 0, task.decode_segment, reservation.buffer_id, reservation.offset,
-                                      layout.num_bytes)
-        except TransferError as exc:
-            log.warning("KV transfer to %s failed: %s", task.decode_id, exc)
-            OUTCOMES.labels("transfer_failed").inc()
-            await self._emit(TokenEvent(request_id=rid, index=1, error=ErrorInfo(
-                message=f"KV transfer to decode failed: {exc}", type="service_unavailable", code="kv_transfer_failed",
-                http_status=503)))
-            return
-        finally:
-            self.transfer.unregister(local)
-        TRANSFER_SECONDS.observe(time.perf_counter() - started)
-        TRANSFER_BYTES.inc(layout.num_bytes)
-        handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=layout.seq_len,
+            return KVStream(self.transfer, asyncio.get_running_loop(), task.decode_segment, reservation,
+                            self.engine.block_layout(reservation.block_tokens), num_tokens)
+        except ValueError as exc:
+            await self.nc.publish(subjects.decode_release(task.decode_id), encode(KVRelease(request_id=rid)))
+            OUTCOMES.labels("reserve_failed").inc()
+            await self._emit(TokenEvent(request_id=rid, index=0, error=ErrorInfo(message=str(exc))))
+            return None
+
+    async def _release(self, task: PrefillTask, stream: KVStream) -> None:
+        """Frees the decode blocks of a request that will not be handed over, once no write is in flight."""
+        await stream.settle()
+        stream.close()
+        await self.nc.publish(subjects.decode_release(task.decode_id),
+                              encode(KVRelease(request_id=task.request.request_id)))
+
+    async def _fail_transfer(self, task: PrefillTask, next_index: int, stream: KVStream | None) -> None:
+        rid = task.request.request_id
+        error = "stopped" if stream is None else "failed"
+        try:
+            if stream is not None:
+                await stream.finish(time.perf_counter())
+        except Exception as exc:
+            error = str(exc)
+        log.warning("KV transfer to %s failed: %s", task.decode_id, error)
+        OUTCOMES.labels("transfer_failed").inc()
+        await self._emit(TokenEvent(request_id=rid, index=next_index, error=ErrorInfo(
+            message=f"KV transfer to decode failed: {error}", type="service_unavailable", code="kv_transfer_failed",
+            http_status=503)))
+
+    async def _hand_over(self, task: PrefillTask, first: int, stream: KVStream) -> None:
+        """Tells the decode worker its blocks hold the request's KV: the request continues there."""
+        rid = task.request.request_id
+        stream.close()
+        layout = self.engine.block_layout(stream.num_tokens)
+        handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=stream.num_tokens,
                              kv_layout=layout)
         ack = await self._ask_decode(task.decode_id, subjects.decode_tasks(task.decode_id), handoff, TaskAck)
         if not ack.is_accepted:

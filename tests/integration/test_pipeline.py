@@ -17,8 +17,7 @@ from tsukimi.common.messages import (
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.journal import RequestJournal
 from tsukimi.conductor.service import ConductorService
-from tsukimi.decode.engine import DecodeEngine
-from tsukimi.decode.service import DecodeService
+from tsukimi.decode.service import DecodeService, build_engine
 from tsukimi.model.loader import build_demo_model
 from tsukimi.prefill.engine import PrefillEngine
 from tsukimi.prefill.service import PrefillService
@@ -49,7 +48,7 @@ async def cluster(nats_url, model, tmp_path):
     prefill = PrefillService(settings.model_copy(update={"instance_id": "p-" + uuid.uuid4().hex[:6]}),
                              PrefillEngine(model), 4096)
     decoder = DecodeService(settings.model_copy(update={"instance_id": "d-" + uuid.uuid4().hex[:6]}),
-                            DecodeEngine(model, max_batch_size=8, max_model_len=4096))
+                            build_engine(settings.model_copy(update={"max_batch_size": 8}), model))
     tasks = [asyncio.create_task(s.run(stop)) for s in (conductor, prefill, decoder)]
     nc = await nats.connect(nats_url)
     deadline = time.monotonic() + 10
@@ -133,8 +132,7 @@ async def test_cancel_frees_decode_state(cluster):
     while decoder.engine.num_running or decoder.engine.num_waiting or len(decoder.inbox):
         assert time.monotonic() < deadline, "decode kept the cancelled request"
         await asyncio.sleep(0.05)
-    assert decoder.engine.batch.num_kv_bytes() == 0
-    assert decoder.inbox.num_free_bytes == decoder.inbox.allocator.capacity
+    assert decoder.engine.kv.num_free_blocks == decoder.engine.kv.num_blocks
 
 
 async def test_conductor_refuses_without_workers(nats_url, tmp_path):

@@ -16,7 +16,9 @@ from tsukimi.common.messages import (
 from tsukimi.common.settings import Settings
 from tsukimi.decode import calibration as decode_calibration
 from tsukimi.decode.calibration import DecodeCosts
-from tsukimi.decode.engine import DecodeEngine, Sequence
+from tsukimi.decode.engine import DecodeEngine
+from tsukimi.decode.kv_blocks import KVBlocks
+from tsukimi.model.kv import block_layout
 from tsukimi.decode.service import DecodeService
 from tsukimi.model.loader import build_demo_model
 from tsukimi.prefill import calibration as prefill_calibration
@@ -52,8 +54,12 @@ def prefill_costs(model):
 @pytest.fixture(scope="module")
 def decode_costs(model):
     started = time.perf_counter()
-    costs = decode_calibration.measure(DecodeEngine(model, 16, MAX_LEN))
+    costs = decode_calibration.measure(_engine(model, 16, MAX_LEN))
     return costs, time.perf_counter() - started
+
+
+def _engine(model, max_batch_size: int, max_len: int = MAX_LEN) -> DecodeEngine:
+    return DecodeEngine(model, max_batch_size, max_len, KVBlocks(block_layout(model, 16), 256))
 
 
 def coefficients(m: CostModel) -> list[float]:
@@ -130,17 +136,17 @@ def test_decode_calibration_predicts_an_unseen_batch(model, decode_costs, monkey
     assert m.kv_bytes_per_token == 2 * 8 * 2 * 64 * 4
     assert seconds < 2 * decode_calibration.BUDGET_S
     monkeypatch.setattr(decode_calibration, "CONFIGS", ((8, 256), (2, 128)))
-    for batch, context, measured in decode_calibration.calibrate(DecodeEngine(model, 16, MAX_LEN)):
+    for batch, context, measured in decode_calibration.calibrate(_engine(model, 16, MAX_LEN)):
         assert within(m.decode_step_s(batch, context), measured, factor=3.0), (batch, context, measured)
 
 
 def test_decode_calibration_respects_the_engine_limits(model):
-    samples = decode_calibration.calibrate(DecodeEngine(model, 2, 100))
+    samples = decode_calibration.calibrate(_engine(model, 2, 100))
     assert {b for b, _, _ in samples} == {1, 2}
     # Contexts capped below max_model_len (with room for the timed steps), measured after the untimed step.
     assert all(c <= b * 100 for b, c, _ in samples)
     # No budget: only the first configuration; its median step holds 64 + 1..3 tokens.
-    [(batch, context, _)] = decode_calibration.calibrate(DecodeEngine(model, 16, MAX_LEN), budget_s=0)
+    [(batch, context, _)] = decode_calibration.calibrate(_engine(model, 16, MAX_LEN), budget_s=0)
     assert batch == 1 and 65 <= context <= 67
 
 
@@ -159,9 +165,10 @@ def test_decode_refit_follows_slower_observations():
 
 
 def test_decode_engine_records_its_steps(model):
-    engine = DecodeEngine(model, 4, MAX_LEN)
+    engine = _engine(model, 4)
     layers = [(torch.zeros(1, 2, 10, 64), torch.zeros(1, 2, 10, 64)) for _ in range(8)]
-    seqs = [Sequence(f"r{i}", SamplingParams(temperature=0.0, max_tokens=3), 1, layers, 10, 1) for i in range(2)]
+    seqs = [engine.sequence_with_kv(f"r{i}", SamplingParams(temperature=0.0, max_tokens=3), layers, 1)
+            for i in range(2)]
     engine.step(seqs, set())
     assert engine.last_step[:2] == (2, 20) and engine.last_step[2] > 0
     assert engine.num_context_tokens == 22
@@ -235,16 +242,21 @@ class FakeBus:
 
 async def test_decode_heartbeat_carries_the_cost_model_and_context(model):
     costs = DecodeCosts([(1, 64, 0.01), (4, 256, 0.02), (16, 1024, 0.05)], 8192, refit_every=1)
-    service = DecodeService(Settings(instance_id="d-test"), DecodeEngine(model, 4, MAX_LEN), costs)
+    engine = _engine(model, 4, MAX_LEN)
+    service = DecodeService(Settings(instance_id="d-test"), engine, costs)
     service.nc = FakeBus()
     beat = service.heartbeat(False)
     assert beat.cost_model == costs.model and beat.host == socket.gethostname() and beat.num_context_tokens == 0
-    service._arrived = [Sequence(f"r{i}", SamplingParams(temperature=0.0, max_tokens=100), 1,
-                                 [(torch.zeros(1, 2, 10 + i, 64), torch.zeros(1, 2, 10 + i, 64)) for _ in range(8)],
-                                 10 + i, 1) for i in range(3)]
+    assert beat.num_free_kv_bytes == 256 * engine.kv.block_bytes
+    service._arrived = [engine.sequence_with_kv(
+        f"r{i}", SamplingParams(temperature=0.0, max_tokens=100),
+        [(torch.zeros(1, 2, 10 + i, 64), torch.zeros(1, 2, 10 + i, 64)) for _ in range(8)], 1) for i in range(3)]
     await service._step()
-    assert service.heartbeat(False).num_context_tokens == 11 + 12 + 13
+    beat = service.heartbeat(False)
+    assert beat.num_context_tokens == 11 + 12 + 13
+    # One 16-token block each.
+    assert beat.num_free_kv_bytes == 253 * engine.kv.block_bytes
     assert [(b, c) for b, c, _ in costs.recent] == [(3, 33)]
     assert service.heartbeat(False).cost_model is costs.model
-    assert DecodeService(Settings(instance_id="d-test"), DecodeEngine(model, 4, MAX_LEN)).heartbeat(
+    assert DecodeService(Settings(instance_id="d-test"), _engine(model, 4, MAX_LEN)).heartbeat(
         False).cost_model is None

@@ -3,7 +3,9 @@
 
 import torch
 
-from tsukimi.decode.batch import DecodeBatch, Row
+from tsukimi.common.messages import SamplingParams
+from tsukimi.decode.engine import DecodeEngine
+from tsukimi.decode.kv_blocks import KVBlocks
 from tsukimi.prefill.engine import PrefillEngine
 
 TINY = {"vocab_size": 257, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -11,17 +13,23 @@ TINY = {"vocab_size": 257, "hidden_size": 64, "intermediate_size": 128, "num_hid
         "initializer_range": 0.2}
 
 
+def decode_engine(model, prefill: PrefillEngine, max_batch_size: int = 8, max_model_len: int = 256,
+                  num_blocks: int = 64, block_tokens: int = 4) -> DecodeEngine:
+    """A paged decode engine over `model` with small blocks (so sequences cross block boundaries)."""
+    return DecodeEngine(model, max_batch_size, max_model_len, KVBlocks(prefill.block_layout(block_tokens), num_blocks))
+
+
 def greedy(model, prefill: PrefillEngine, prompt, n, prefix_kv=None):
-    """`n` greedy tokens through `prefill` (optionally from a reused prefix KV) and a one-row decode batch."""
+    """`n` greedy tokens through `prefill` (optionally from a reused prefix KV) and the paged decode engine."""
     result = prefill.run(prompt, prefix_kv)
     token = int(result.logits.argmax())
-    batch = DecodeBatch(model)
-    batch.add([Row("r", len(prompt), token)], [result.kv])
+    engine = decode_engine(model, prefill)
     out = [token]
-    for _ in range(n - 1):
-        token = int(batch.step()[0].argmax())
-        batch.rows[0].next_token_id = token
-        out.append(token)
+    arrived = [engine.sequence_with_kv("r", SamplingParams(max_tokens=n, temperature=0.0), result.kv, token)]
+    while len(out) < n:
+        events, _ = engine.step(arrived, set())
+        arrived = []
+        out += [e.token_id for e in events]
     return out
 
 

@@ -115,25 +115,38 @@ class PrefillTask(Message):
 
 
 class KVReserve(Message):
-    """Prefill -> decode worker: reserve room for a request's KV before writing it."""
+    """Prefill -> decode worker: reserve KV blocks for a request before writing its KV into them."""
 
     # The request.
     request_id: str
-    # Bytes to reserve.
-    num_bytes: int
+    # Tokens whose KV prefill will write.
+    num_tokens: int
 
 
 class KVReservation(Message):
     """Decode worker -> prefill: where to write the KV, or why not."""
 
-    # True when room was reserved.
+    # True when blocks were reserved.
     is_accepted: bool
-    # Buffer of the decode worker's segment to write into.
+    # Buffer of the decode worker's segment holding its KV blocks.
     buffer_id: int = 0
-    # Offset in that buffer.
-    offset: int = 0
-    # Why not.
+    # The reserved blocks, in token order; block i starts at byte block_ids[i] * block_bytes of that buffer and
+    # holds tokens [i * block_tokens, (i + 1) * block_tokens) packed as the cache pool packs a block.
+    block_ids: list[int] = []
+    # Tokens per block.
+    block_tokens: int = 0
+    # Bytes per block.
+    block_bytes: int = 0
+    # Why not ("kv_full" when the blocks are all in use: worth asking again shortly).
     error: ErrorInfo | None = None
+
+
+class KVRelease(Message):
+    """Prefill -> decode worker: free a reservation that will not be handed over (cancelled, failed, finished at
+    the first token). Sent only once no write into its blocks is in flight."""
+
+    # The request.
+    request_id: str
 
 
 class DecodeTask(Message):
@@ -205,8 +218,10 @@ class Heartbeat(Message):
     num_running: int = 0
     # Most requests it runs at once.
     max_running: int = 1
-    # KV bytes free for new requests (decode).
+    # KV bytes free for new requests (decode: free blocks times block size).
     num_free_kv_bytes: int = 0
+    # Decode: predicted seconds of the next step of the running batch (its current TBT).
+    predicted_tbt_s: float = 0.0
     # Longest prompt + output the model takes.
     max_model_len: int = 0
     # Wall-clock time of sending.

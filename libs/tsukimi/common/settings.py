@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     # Most prompts waiting in one prefill worker's queue before it refuses more.
     max_prefill_queue: int = Field(256, ge=1)
-    # Bytes of the decode worker's shared KV landing arena (prefill writes each request's KV there).
+    # Bytes of the decode worker's KV blocks (shared memory; prefill writes each request's KV into its blocks).
     kv_arena_bytes: int = Field(256 << 20, ge=1 << 20)
     # Tokens per KV cache block: the unit of prefix reuse (cluster-wide).
     cache_block_tokens: int = Field(64, ge=1)
@@ -97,10 +97,15 @@ class Settings(BaseSettings):
     segment_ttl_s: float = Field(10.0, gt=0)
     # Connections a transfer engine opens to one TCP peer.
     transfer_connections: int = Field(4, ge=1)
-    # Seconds a reserved KV range waits for its decode task before it is freed.
-    kv_orphan_ttl_s: float = Field(30.0, gt=0)
+    # Seconds reserved KV blocks wait for their decode task (or the release of a cancelled one) before they are
+    # freed; longer than a KV transfer may take.
+    kv_orphan_ttl_s: float = Field(40.0, gt=0)
     # Seconds a KV transfer may take before it fails.
     kv_transfer_timeout_s: float = Field(30.0, gt=0)
+    # Prefill writes each layer's KV to decode as soon as that layer is computed (False: all after the forward).
+    kv_layerwise: bool = True
+    # Seconds prefill keeps asking a decode worker whose KV blocks are all in use before failing the request.
+    kv_reserve_wait_s: float = Field(10.0, ge=0)
     # Torch intra-op threads per model worker process.
     torch_threads: int = Field(1, ge=1)
     # Most requests the gateway keeps in flight before answering 429.

@@ -1,6 +1,6 @@
 """Every NATS subject tsukimi uses. The version segment changes when a message schema changes incompatibly."""
 
-PREFIX = "tsukimi.v1"
+PREFIX = "tsukimi.v2"
 
 # Gateway -> conductor, request/reply (`GenerateRequest` -> `SubmitReply`); conductors share a queue group.
 SUBMIT = f"{PREFIX}.conductor.submit"
@@ -29,6 +29,11 @@ def prefill_tasks(instance_id: str) -> str:
 def decode_reserve(instance_id: str) -> str:
     """Prefill -> one decode worker, request/reply (`KVReserve` -> `KVReservation`), before writing KV."""
     return f"{PREFIX}.decode.{instance_id}.reserve"
+
+
+def decode_release(instance_id: str) -> str:
+    """Prefill -> one decode worker (`KVRelease`): a reservation will not be handed over; its writes are over."""
+    return f"{PREFIX}.decode.{instance_id}.release"
 
 
 def decode_tasks(instance_id: str) -> str:

@@ -253,6 +253,11 @@ class TransferEngine:
         region = SharedRegion.create(length)
         return self._add(LocalBuffer(0, region.view, is_writable=not read_only, region=region))
 
+    def adopt(self, region: SharedRegion, read_only: bool = False) -> LocalBuffer:
+        """Registers shared memory made before this engine (e.g. a decode worker's KV blocks, built with the
+        model); the engine owns it from now on and closes it on `unregister`. Call `publish()` to announce it."""
+        return self._add(LocalBuffer(0, region.view, is_writable=not read_only, region=region))
+
     def _add(self, buffer: LocalBuffer) -> LocalBuffer:
         buffer.buffer_id = self._next_buffer_id
         self._next_buffer_id += 1
