@@ -231,7 +231,7 @@ def main(settings) -> None:
                              prefill_costs, cache=cache, colocated_with=decode_id)
     decode = DecodeService(settings.model_copy(update={"instance_id": decode_id}),
                            bound_by_tbt(decode_engine, decode_costs, settings.tbt_slo_s), decode_costs,
-                           colocated_with=prefill_id)
+                           colocated_with=prefill_id, cache=cache)
     log.info("colocated worker %s: chunked prefill %s, local prefix cache %s", name,
              f"{chunk} tokens" if chunk else "off",
              f"{settings.local_prefix_cache_bytes >> 20} MiB" if cache else "off")

@@ -28,6 +28,7 @@ from tsukimi.decode.kv_inbox import KVInbox, KVRefused
 from tsukimi.model.kv import block_layout
 from tsukimi.model.loader import load_model
 from tsukimi.model.spec import max_model_len
+from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 
@@ -43,6 +44,7 @@ STEP_SECONDS = Histogram(
     "tsukimi_decode_step_seconds", "Duration of one batch step",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
+STORED_BLOCKS = Counter("tsukimi_decode_stored_blocks_total", "KV blocks of finished sequences written to the pool")
 FREED = Counter("tsukimi_decode_freed_requests_total", "Requests whose KV was freed, by reason", ["reason"])
 
 
@@ -50,8 +52,17 @@ class DecodeService:
     """The bus- and socket-facing side of a decode worker."""
 
     def __init__(self, settings: Settings, engine: DecodeEngine, costs: DecodeCosts | None = None,
-                 colocated_with: str = ""):
+                 colocated_with: str = "", cache=None):
         self.settings = settings
+        # Where finished sequences' full blocks go, so a conversation's next turn reuses its answer too: the
+        # pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the colocated
+        # worker's in-process cache).
+        self.cache: PrefixCache | None = cache
+        self._has_own_cache = cache is not None
+        # Background stores of finished sequences' blocks, awaited (briefly) on shutdown.
+        self._stores: set[asyncio.Task] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        engine.on_finish = self._keep_blocks
         # Colocated worker: id of the prefill half of this process ("" when disaggregated).
         self.colocated_with = colocated_with
         self.engine = engine
@@ -142,7 +153,37 @@ class DecodeService:
         if self.inbox.release(release.request_id):
             FREED.labels("released").inc()
 
+    def _keep_blocks(self, seq: Sequence) -> None:
+        """In the step's thread, before `seq`'s blocks are freed: copies its full blocks beyond the prompt's and
+        has them stored in the background."""
+        bt = self.engine.kv.block_tokens
+        num_full = len(seq.token_ids) // bt
+        num_prompt_blocks = (len(seq.token_ids) - seq.num_output + 1) // bt
+        if self.cache is None or not self.cache.is_available or self._loop is None or num_full <= num_prompt_blocks:
+            return
+        kv = self.engine.kv.read(seq.block_ids[:num_full], num_full * bt)
+        tokens = seq.token_ids[:num_full * bt]
+        self._loop.call_soon_threadsafe(self._store, tokens, kv, num_prompt_blocks)
+
+    def _store(self, tokens: list[int], kv, num_prompt_blocks: int) -> None:
+        async def store() -> None:
+            try:
+                STORED_BLOCKS.inc(await self.cache.store(tokens, kv, num_prompt_blocks))
+            except Exception as exc:  # NOTE: storing is best effort; the request is already served.
+                log.warning("storing KV blocks failed: %s", exc)
+
+        task = asyncio.create_task(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def _on_cachestore(self, msg) -> None:
+        try:
+            self.cache.follow(decode(msg.data, Heartbeat))
+        except msgspec.ValidationError:
+            return
+
     async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
         self.nc = await connect(self.settings.nats_url, self.instance_id)
         self.transfer = TransferEngine(
             self.instance_id, self.settings.secret_bytes(), NatsMetadataStore(self.nc, self.settings.segment_ttl_s),
@@ -153,6 +194,9 @@ class DecodeService:
             raise RuntimeError("the decode engine's KV blocks must live in shared memory (KVBlocks.shared)")
         self.arena = self.transfer.adopt(self.engine.kv.region)
         await self.transfer.publish()
+        if self.settings.is_cache_enabled and not self._has_own_cache:
+            self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens)
+            await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
         await self.nc.subscribe(subjects.decode_reserve(self.instance_id), cb=self._on_reserve)
         await self.nc.subscribe(subjects.decode_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.decode_release(self.instance_id), cb=self._on_release)
@@ -183,6 +227,10 @@ class DecodeService:
                 last_sweep = time.monotonic()
             self._export()
         await beats
+        if self._stores:
+            await asyncio.wait(self._stores, timeout=5)
+        if self.cache is not None:
+            await self.cache.close()
         await self.transfer.close()
         await self.nc.drain()
 

@@ -15,7 +15,7 @@ import torch
 
 from tsukimi.common.block_keys import block_keys
 from tsukimi.common.checksum import block_checksum
-from tsukimi.common.messages import KVLayout
+from tsukimi.common.messages import Heartbeat, KVLayout
 from tsukimi.model.kv import join_blocks, layout_of, split_blocks
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
@@ -35,6 +35,8 @@ class PrefixCache:
         self.model = model
         self.block_tokens = block_tokens
         self._address = ""
+        # Cachestore instance whose API `_address` is (the pool master), when followed through heartbeats.
+        self._master_id = ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CacheStoreStub | None = None
         # Calls nobody waits for (lease releases), kept until done.
@@ -51,6 +53,21 @@ class PrefixCache:
     @property
     def is_available(self) -> bool:
         return self._stub is not None
+
+    def follow(self, beat: Heartbeat) -> None:
+        """Follows the pool master through cachestore heartbeats: metadata calls go to the master, and any
+        instance may become it (another takes over when the master dies)."""
+        is_current = self._master_id == beat.instance_id
+        if beat.is_pool_master and beat.grpc_address and not beat.is_leaving:
+            if not is_current or not self.is_available:
+                log.info("using the cache pool master %s at %s", beat.instance_id, beat.grpc_address)
+                self._master_id = beat.instance_id
+                self.use(beat.grpc_address)
+        elif is_current and self.is_available:
+            log.info("cachestore %s is no longer the pool master; the pool is off until a master speaks",
+                     beat.instance_id)
+            self._master_id = ""
+            self.use("")
 
     async def close(self) -> None:
         if self._pending:

@@ -1,7 +1,8 @@
 """Prefill worker process: computes prompts' KV and first tokens, hands each request to its decode worker.
 
-The loop reads as: take the next task, reserve decode blocks, run it (in a thread) while each finished layer's KV
-streams into those blocks, send the first token, hand over.
+The loop reads as: take the next task, reserve decode blocks, run it (its chunks taking turns with the other
+requests in progress, each in a thread) while each finished layer's KV streams into those blocks, send the first
+token, hand over.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
 from tsukimi.model.spec import max_model_len
 from tsukimi.prefill.calibration import PrefillCosts, measure
-from tsukimi.prefill.engine import PrefillEngine, PrefillStopped
+from tsukimi.prefill.chunk_scheduler import ChunkScheduler
+from tsukimi.prefill.engine import PrefillEngine, PrefillJob, PrefillStopped
 from tsukimi.prefill.kv_stream import KVStream
 from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
@@ -75,8 +77,11 @@ class PrefillService:
         self.queue: asyncio.Queue[PrefillTask] = asyncio.Queue(settings.max_prefill_queue)
         # Prompt lengths of the queued tasks, in queue order (their predicted time is published).
         self._queued_lengths: deque[int] = deque()
-        # (perf_counter start, predicted seconds) of the prefill running now.
-        self._running: tuple[float, float] | None = None
+        # Per request being prefilled: (predicted seconds of its whole forward, its job once computing).
+        self._active: dict[str, tuple[float, PrefillJob | None]] = {}
+        # Their tasks (at most `prefill_max_active`), which take turns on the device a chunk at a time.
+        self._tasks: set[asyncio.Task] = set()
+        self.chunks = ChunkScheduler()
         self.transfer: TransferEngine | None = None
         # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
         # colocated worker's in-process cache: then the pool is not used).
@@ -84,34 +89,37 @@ class PrefillService:
         self._has_own_cache = cache is not None
         # Colocated worker: id of the decode half of this process ("" when disaggregated).
         self.colocated_with = colocated_with
-        # Cachestore whose API `cache` uses.
-        self._cachestore_id = ""
         # Background stores of new KV blocks, awaited (briefly) on shutdown.
         self._stores: set[asyncio.Task] = set()
         # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
         self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
-        self.num_running = 0
         self.nc = None
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
         return Heartbeat(
             instance_id=self.instance_id, kind="prefill", model=self.settings.model_name(),
-            num_waiting=self.queue.qsize(), num_running=self.num_running, max_running=1,
+            num_waiting=self.queue.qsize(), num_running=self.num_running,
+            max_running=self.settings.prefill_max_active,
             max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, queued_prefill_s=self.queued_prefill_s(),
             colocated_with=self.colocated_with,
         )
 
+    @property
+    def num_running(self) -> int:
+        """Requests being prefilled (their chunks take turns)."""
+        return len(self._active)
+
     def queued_prefill_s(self) -> float:
         """Predicted seconds until this worker is idle: every queued prompt (as if nothing of it were cached)
-        plus what remains of the running one; 0 without a cost model."""
+        plus what remains of the ones in progress; 0 without a cost model."""
         if self.costs is None:
             return 0.0
         model = self.costs.model
         total = sum(model.prefill_s(n) for n in self._queued_lengths)
-        if self._running is not None:
-            started, predicted = self._running
-            total += max(0.0, predicted - (time.perf_counter() - started))
+        for predicted, job in list(self._active.values()):
+            share = job.num_remaining / max(1, job.num_remaining + job.num_computed) if job is not None else 1.0
+            total += predicted * share
         return total
 
     async def _on_task(self, msg) -> None:
@@ -144,22 +152,9 @@ class PrefillService:
 
     async def _on_cachestore(self, msg) -> None:
         try:
-            beat = decode(msg.data, Heartbeat)
+            self.cache.follow(decode(msg.data, Heartbeat))
         except msgspec.ValidationError:
             return
-        # NOTE: metadata calls go to the pool's master; any instance may become it (another takes over when the
-        # master dies), so follow whichever says it is.
-        is_current = self._cachestore_id == beat.instance_id
-        if beat.is_pool_master and beat.grpc_address and not beat.is_leaving:
-            if not is_current or not self.cache.is_available:
-                log.info("using the cache pool master %s at %s", beat.instance_id, beat.grpc_address)
-                self._cachestore_id = beat.instance_id
-                self.cache.use(beat.grpc_address)
-        elif is_current and self.cache.is_available:
-            log.info("cachestore %s is no longer the pool master; prefix reuse off until a master speaks",
-                     beat.instance_id)
-            self._cachestore_id = ""
-            self.cache.use("")
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)
@@ -179,6 +174,11 @@ class PrefillService:
         ))
         log.info("prefill %s ready", self.instance_id)
         while not stop.is_set():
+            if len(self._tasks) >= self.settings.prefill_max_active:
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait([stopping, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                continue
             getter = asyncio.create_task(self.queue.get())
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait([getter, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -188,8 +188,14 @@ class PrefillService:
                 break
             self._queued_lengths.popleft()
             QUEUED.set(self.queue.qsize())
-            await self._process(getter.result())
+            task = asyncio.create_task(self._process(getter.result()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         await self._fail_queued("prefill worker shutting down")
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self._stores:
             await asyncio.wait(self._stores, timeout=5)
         if self.cache is not None:
@@ -209,30 +215,27 @@ class PrefillService:
                 OUTCOMES.labels("cancelled").inc()
                 log.info("dropped before prefill: cancelled")
                 return
-            self.num_running = 1
-            RUNNING.set(1)
             started = time.perf_counter()
             num_tokens = len(request.prompt_token_ids)
-            self._expect(started, num_tokens, 0)
+            self._expect(rid, num_tokens, 0)
             prefix = None
             if self.cache is not None:
                 prefix = await self.cache.load(request.prompt_token_ids, self.engine.block_layout(
                     self.settings.cache_block_tokens))
             num_cached = prefix[0][0].shape[2] if prefix else 0
-            self._expect(started, num_tokens - num_cached, num_cached)
+            self._expect(rid, num_tokens - num_cached, num_cached)
             if request.sampling.max_tokens > 1:
                 stream = await self._open_stream(task)
                 if stream is None:
                     return
             layerwise = stream is not None and self.settings.kv_layerwise
-            try:
-                result, seconds = await asyncio.to_thread(
-                    self._timed_run, request.prompt_token_ids, prefix, stream.send_layer if layerwise else None,
-                    lambda: rid in self.cancelled or (stream is not None and stream.has_failed))
-            finally:
-                self.num_running = 0
-                self._running = None
-                RUNNING.set(0)
+            job = self.engine.start(request.prompt_token_ids, prefix, stream.send_layer if layerwise else None,
+                                    lambda: rid in self.cancelled or (stream is not None and stream.has_failed))
+            self._active[rid] = (self._active[rid][0], job)
+            await self.chunks.run(job)
+            result, seconds = job.result, job.compute_s
+            self._active.pop(rid, None)
+            RUNNING.set(self.num_running)
             computed_at = time.perf_counter()
             if stream is not None and not layerwise:
                 stream.send_all(result.kv)
@@ -272,26 +275,28 @@ class PrefillService:
                 await self._fail_transfer(task, next_index, stream)
         except TransferError:
             await self._fail_transfer(task, next_index, stream)
+        except asyncio.CancelledError:
+            await self._emit(TokenEvent(request_id=rid, index=next_index, error=ErrorInfo(
+                message="prefill worker shutting down", type="service_unavailable", code="worker_stopping",
+                http_status=503)))
+            raise
         except Exception as exc:  # NOTE: one bad request must not stop the worker; the client gets the error.
             log.exception("prefill failed")
             OUTCOMES.labels("failed").inc()
             await self._emit(TokenEvent(request_id=rid, index=next_index, error=ErrorInfo(
                 message=f"prefill failed: {exc}")))
         finally:
+            self._active.pop(rid, None)
+            RUNNING.set(self.num_running)
             if stream is not None:
                 await self._release(task, stream)
             request_id_var.reset(token)
 
-    def _expect(self, started: float, num_new_tokens: int, num_reused_tokens: int) -> None:
-        """Notes the predicted time of the prefill that started at `started` (for `queued_prefill_s`)."""
-        if self.costs is not None:
-            self._running = (started, self.costs.model.prefill_s(num_new_tokens, num_reused_tokens))
-
-    def _timed_run(self, prompt: list[int], prefix, on_layer, should_stop):
-        """`engine.run` and the seconds it took (the cost model's sample), in the worker thread."""
-        started = time.perf_counter()
-        result = self.engine.run(prompt, prefix, on_layer=on_layer, should_stop=should_stop)
-        return result, time.perf_counter() - started
+    def _expect(self, rid: str, num_new_tokens: int, num_reused_tokens: int) -> None:
+        """Notes the predicted time of `rid`'s prefill (for `queued_prefill_s`)."""
+        predicted = self.costs.model.prefill_s(num_new_tokens, num_reused_tokens) if self.costs else 0.0
+        self._active[rid] = (predicted, None)
+        RUNNING.set(self.num_running)
 
     async def _open_stream(self, task: PrefillTask) -> KVStream | None:
         """Reserves blocks for the prompt's KV on the decode worker (asking again while they are all in use, up
@@ -404,7 +409,7 @@ def main(settings: Settings) -> None:
     except ValueError as exc:
         raise SystemExit(f"tsukimi prefill: {exc}") from None
     torch.set_num_threads(settings.torch_threads)
-    engine = PrefillEngine(load_model(settings.model))
+    engine = PrefillEngine(load_model(settings.model), settings.prefill_chunk_tokens)
     max_len = max_model_len(settings.model)
     # NOTE: calibration takes ~2 s (bounded by its budget) and runs before the worker serves, so its timings are
     # not disturbed by requests and the first heartbeat already carries a cost model.

@@ -272,6 +272,26 @@ def test_killed_decode_worker_fails_its_stream_fast_and_is_restarted(qwen_up):
     asyncio.run(run())
 
 
+async def test_the_next_turn_reuses_the_previous_answer_stored_by_decode(demo_up, demo_reference):
+    """Decode stores a finished sequence's full blocks in the pool: a next turn that re-sends prompt + answer
+    loads the blocks holding the answer too, not just the prompt's, and its output stays exact."""
+    model, tokenizer = demo_reference
+    block = 64
+    ids = list(tokenizer.encode("Answers are cached as well as questions. " * 3))[:100]
+    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
+        answer = reference_ids(model, tokenizer, ids, 90)
+        check_identical(await complete(client, "demo", ids, 90), answer, tokenizer)
+        await asyncio.sleep(1.0)  # decode stores the blocks just after the request is served
+        follow_up = ids + answer + list(tokenizer.encode(" And then?"))
+        second = await complete(client, "demo", follow_up, 4)
+        check_identical(second, reference_ids(model, tokenizer, follow_up, 4), tokenizer)
+        # Decode held the KV of the prompt and every answer token but the last: its full blocks are reusable.
+        held = len(ids) + len(answer) - 1
+        assert held // block > len(ids) // block, "the answer must complete a block for this test to mean anything"
+        cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert cached == min(held // block, (len(follow_up) - 1) // block) * block
+
+
 async def test_prefix_reuse_through_the_pool_is_exact_and_reported(demo_up, demo_reference):
     """A repeated prompt and every later turn of a chat load their prefix from the cache pool: cached_tokens
     says how much, and the output stays token-identical to transformers' generate."""

@@ -97,6 +97,10 @@ def test_trace_schedule_scales_times_and_lengths():
     assert s.requests[0].prompt == s.requests[1].prompt[:10]  # hash id 1 leads both
     # 3 arrivals over 1.5 s: 2 gaps of 0.75 s on average, so the window runs one more gap and the rate is 4/3.
     assert s.window_s == 2.25 and s.offered_rate == pytest.approx(4 / 3)
+    # Outputs may scale on their own.
+    s = trace_schedule(trace, PromptMaker(salt=3), length_scale=0.02, output_scale=0.1)
+    assert [len(r.prompt) for r in s.requests] == [10, 20, 12]
+    assert [r.max_tokens for r in s.requests] == [5, 10, 1]
 
 
 def test_trace_schedule_limit_and_duration_in_replay_time():

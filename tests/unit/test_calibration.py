@@ -210,10 +210,16 @@ async def test_prefill_heartbeat_carries_the_cost_model_and_queued_time(model):
         assert decode(msg.reply, TaskAck).is_accepted
     queued = costs.model.prefill_s(30) + costs.model.prefill_s(200)
     assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued)
-    # A running prefill adds what remains of its prediction.
-    service._expect(time.perf_counter(), 100, 0)
-    assert queued < service.heartbeat(False).queued_prefill_s <= queued + costs.model.prefill_s(100)
-    service._running = None
+    # A prefill in progress adds what remains of its prediction: all of it before its first chunk, then the share
+    # of its tokens still to compute.
+    service._expect("r", 100, 0)
+    assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued + costs.model.prefill_s(100))
+    job = PrefillEngine(model, chunk_tokens=25).start(list(range(100)))
+    job.step()
+    service._active["r"] = (service._active["r"][0], job)
+    assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued + 0.75 * costs.model.prefill_s(100))
+    assert service.heartbeat(False).num_running == 1
+    service._active.clear()
     # Taking a task off the queue (shutdown here) drops it from the prediction.
     service.nc = FakeBus()
     await service._fail_queued("stopping")

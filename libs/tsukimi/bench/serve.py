@@ -8,7 +8,8 @@ requests meeting both SLOs), goodput, rejection (429) and failure rates, prefix 
 both SLOs.
 
 Defaults suit a 2-core CPU machine serving the demo model (prefill ~0.7 ms/token, decode step 15-40 ms):
-length scale 0.02 (a 15k-token prompt becomes ~300 tokens, a 512-token block 10), SLOs TTFT 2 s and TBT
+length scale 0.02 (a 15k-token prompt becomes ~300 tokens, a 512-token block 10), output scale 0.1 (149 tokens
+become ~15), SLOs TTFT 2 s and TBT
 0.15 s, 60 s of replay per sweep point, at most 7 points (about 11 minutes at worst).
 """
 
@@ -75,8 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     trace.add_argument("--rate-scale", type=_positive(float), default=1.0,
                        help="arrival times are divided by it (2 = twice the trace's rate; default %(default)s)")
     trace.add_argument("--length-scale", type=_positive(float), default=0.02,
-                       help="input and output lengths and the 512-token block are multiplied by it "
+                       help="input lengths and the 512-token block are multiplied by it "
                             "(default %(default)s: a 15k-token prompt becomes ~300 tokens, a block 10)")
+    trace.add_argument("--output-scale", type=_positive(float), default=0.1,
+                       help="output lengths are multiplied by it (default %(default)s: the trace's mean of 149 "
+                            "tokens becomes ~15, so decode and its TBT matter)")
     parser.add_argument("--limit", type=_positive(int), help="at most N requests (the first ones)")
     parser.add_argument("--duration", type=_positive(float),
                         help="stop scheduling after S seconds of replay time (arrivals after rate scaling); "
@@ -156,7 +160,8 @@ class Bench:
         a = self.args
         maker = PromptMaker(a.vocab_size, a.avoid_ids, salt)
         if self.trace is not None:
-            return trace_schedule(self.trace, maker, rate_scale=load, length_scale=a.length_scale, limit=a.limit,
+            return trace_schedule(self.trace, maker, rate_scale=load, length_scale=a.length_scale,
+                                  output_scale=a.output_scale, limit=a.limit,
                                   duration_s=self.duration(sweeping))
         return synthetic_schedule(maker, rate=load, input_len=a.input_len, output_len=a.output_len,
                                   range_ratio=a.range_ratio, prefix_ratio=a.prefix_ratio, limit=a.limit,
@@ -185,6 +190,7 @@ class Bench:
                "request_timeout_s": a.request_timeout, "drain_timeout_s": a.drain_timeout}
         if self.trace is not None:
             cfg.update(workload="trace", trace=a.trace, rate_scale=a.rate_scale, length_scale=a.length_scale,
+                       output_scale=a.output_scale,
                        block_tokens=scale_length(TRACE_BLOCK_TOKENS, a.length_scale))
         else:
             cfg.update(workload="synthetic", rate=a.rate, input_len=a.input_len, output_len=a.output_len,

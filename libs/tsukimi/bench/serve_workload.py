@@ -100,11 +100,13 @@ def trace_blocks(hash_ids: Sequence[int], block_tokens: int, num_tokens: int) ->
 
 
 def trace_schedule(trace: list[dict], maker: PromptMaker, *, rate_scale: float = 1.0, length_scale: float = 0.02,
-                   limit: int | None = None, duration_s: float | None = None) -> Schedule:
+                   output_scale: float | None = None, limit: int | None = None, duration_s: float | None = None
+                   ) -> Schedule:
     """The trace's requests (arrival order, the first at 0) scaled; only those arriving before `duration_s` of
-    replay time (after rate scaling) when given."""
-    if length_scale <= 0:
-        raise ValueError("length scale must be positive")
+    replay time (after rate scaling) when given. Output lengths scale by `output_scale` (default: `length_scale`)."""
+    output_scale = length_scale if output_scale is None else output_scale
+    if length_scale <= 0 or output_scale <= 0:
+        raise ValueError("length scales must be positive")
     requests = requests_from_trace(trace, rate_scale, limit)
     block_tokens = scale_length(TRACE_BLOCK_TOKENS, length_scale)
     start = requests[0].arrival if requests else 0.0
@@ -119,7 +121,7 @@ def trace_schedule(trace: list[dict], maker: PromptMaker, *, rate_scale: float =
         # NOTE: a trace row without hash ids still needs a prompt: a block of its own.
         keys = r.keys or (SYNTHETIC_UNIQUE_BASE + (1 << 32) + r.index,)
         prompt = maker.prompt(trace_blocks(keys, block_tokens, n_in))
-        planned.append(PlannedRequest(len(planned), at, prompt, scale_length(r.num_output_tokens, length_scale)))
+        planned.append(PlannedRequest(len(planned), at, prompt, scale_length(r.num_output_tokens, output_scale)))
     return Schedule(planned, _window(planned, duration_s if cut else None))
 
 

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     # vLLM-style baseline, each request on the least loaded colocated prefill+decode pair of one process).
     placement_policy: str = Field(
         "mooncake", pattern="^(random|round-robin|least-loaded|local-cache|mooncake|colocated)$")
+    # Prefill worker: prompts longer than this many tokens are computed in chunks of it, and the chunks of the
+    # requests in progress take turns (fewest tokens left first); 0: whole prompts, one at a time.
+    prefill_chunk_tokens: int = Field(512, ge=0)
+    # Prefill worker: requests in progress at once (their chunks take turns on the device).
+    prefill_max_active: int = Field(4, ge=1)
     # Colocated worker: prompt tokens per prefill chunk, interleaved with decode steps; 0: whole prompts.
     chunked_prefill_tokens: int = Field(0, ge=0)
     # Colocated worker: bytes of its own in-process prefix cache (used when `is_cache_enabled`).
