@@ -27,7 +27,8 @@ for system in $SYSTEMS; do
   "$TSUKIMI" up --port "$PORT" --database-url "sqlite:///$OUT/$system-journal.db" "${flags[@]}" \
     > "$OUT/$system-up.log" 2>&1 &
   up=$!
-  for _ in $(seq 120); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; sleep 1; done
+  # NOTE: the API answers before the workers serve; `tsukimi up` says "ready" once they do.
+  for _ in $(seq 180); do grep -q "up: ready" "$OUT/$system-up.log" && break; sleep 1; done
   "$TSUKIMI" bench serve --url "http://127.0.0.1:$PORT" --trace "$TRACE" --length-scale 0.03125 --sweep \
     --prompt-salt 7 --plot-dir "$OUT/$system" --json "$@" > "$OUT/$system.json" 2> "$OUT/$system-bench.log" || true
   kill -INT $up; wait $up || true
