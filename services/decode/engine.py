@@ -184,20 +184,29 @@ class DecodeEngine:
             left.append(rid)
         return left
 
-    def _fits(self, seq: Sequence) -> bool:
-        """Whether `seq` may join the running batch now."""
+    def _fits_batch(self, seq: Sequence) -> bool:
+        """Whether the batch may grow by `seq` (batch limit, predicted step within the budget)."""
         if len(self.running) >= self.max_batch_size:
             return False
-        if seq.swapped is not None and not self.kv.manager.can_allocate(len(seq.swapped) + len(self.running)):
-            return False  # NOTE: keeps one block per running sequence free, so resuming does not preempt at once
         if self.predict_step_s is None or not self.running or self.step_budget_s <= 0:
             return True
         context = sum(s.num_kv_tokens for s in self.running.values()) + seq.num_kv_tokens
         return self.predict_step_s(len(self.running) + 1, context) <= self.step_budget_s
 
+    def _has_blocks(self, seq: Sequence) -> bool:
+        """Whether `seq` holds its blocks or can get them back now."""
+        # NOTE: resuming keeps one block per running sequence free, so it does not preempt again at once.
+        return seq.swapped is None or self.kv.manager.can_allocate(len(seq.swapped) + len(self.running))
+
     def _admit(self) -> None:
-        while self.waiting and self._fits(self.waiting[0]):
-            seq = self.waiting.popleft()
+        """Joins waiting sequences in order while the batch may grow; a preempted one that cannot get its blocks
+        back yet lets those behind it that hold theirs go first (they need none, and free blocks as they finish)."""
+        for seq in list(self.waiting):
+            if not self._fits_batch(seq):
+                break
+            if not self._has_blocks(seq):
+                continue
+            self.waiting.remove(seq)
             if seq.swapped is not None:
                 seq.block_ids = self.kv.manager.allocate(len(seq.swapped))
                 self.kv.copy_in(seq.block_ids, seq.swapped)
