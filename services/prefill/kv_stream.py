@@ -85,16 +85,9 @@ class KVStream:
                                     length) for local, target, length in pieces]
         if not self._first_submit:
             self._first_submit = time.perf_counter()
-        coro = self._write(requests)
-        try:
-            asyncio.get_running_loop()
-            is_loop_thread = True
-        except RuntimeError:
-            is_loop_thread = False
-        if is_loop_thread:
-            self._writes.append(asyncio.ensure_future(coro))  # type: ignore[arg-type]
-        else:
-            self._writes.append(asyncio.run_coroutine_threadsafe(coro, self.loop))
+        # NOTE: from the compute thread or the loop's own; either way the write runs on the loop, and its
+        # concurrent future may be polled from any thread (`has_failed`).
+        self._writes.append(asyncio.run_coroutine_threadsafe(self._write(requests), self.loop))
 
     async def _write(self, requests: list[TransferRequest]) -> None:
         await self.transfer.transfer(requests)
@@ -103,17 +96,15 @@ class KVStream:
     async def finish(self, computed_at: float) -> StreamTiming:
         """Waits for every write; raises the first write's error. `computed_at`: perf_counter when the forward
         ended."""
-        results = await asyncio.gather(*(asyncio.wrap_future(f) if isinstance(f, concurrent.futures.Future) else f
-                                         for f in self._writes), return_exceptions=True)
-        for result in results:
+        for result in await self.settle():
             if isinstance(result, BaseException):
                 raise result
         return StreamTiming(max(0.0, self._last_done - self._first_submit), max(0.0, self._last_done - computed_at))
 
-    async def settle(self) -> None:
-        """Waits for every write to be over, whatever its outcome (before the blocks may be released)."""
-        await asyncio.gather(*(asyncio.wrap_future(f) if isinstance(f, concurrent.futures.Future) else f
-                               for f in self._writes), return_exceptions=True)
+    async def settle(self) -> list:
+        """Waits for every write to be over, whatever its outcome (before the blocks may be released); returns
+        each write's result or exception."""
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in self._writes), return_exceptions=True)
 
     def close(self) -> None:
         self.transfer.unregister(self.local)

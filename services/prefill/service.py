@@ -315,7 +315,7 @@ class PrefillService:
         if rid in self.cancelled:
             OUTCOMES.labels("cancelled").inc()
             if reservation.is_accepted:
-                await self.nc.publish(subjects.decode_release(task.decode_id), encode(KVRelease(request_id=rid)))
+                await self._release_blocks(task)
             return None
         if not reservation.is_accepted:
             OUTCOMES.labels("reserve_failed").inc()
@@ -325,7 +325,7 @@ class PrefillService:
             return KVStream(self.transfer, asyncio.get_running_loop(), task.decode_segment, reservation,
                             self.engine.block_layout(reservation.block_tokens), num_tokens)
         except ValueError as exc:
-            await self.nc.publish(subjects.decode_release(task.decode_id), encode(KVRelease(request_id=rid)))
+            await self._release_blocks(task)
             OUTCOMES.labels("reserve_failed").inc()
             await self._emit(TokenEvent(request_id=rid, index=0, error=ErrorInfo(message=str(exc))))
             return None
@@ -334,6 +334,10 @@ class PrefillService:
         """Frees the decode blocks of a request that will not be handed over, once no write is in flight."""
         await stream.settle()
         stream.close()
+        await self._release_blocks(task)
+
+    async def _release_blocks(self, task: PrefillTask) -> None:
+        """Tells the decode worker to free the blocks it reserved for `task` (no write into them is in flight)."""
         await self.nc.publish(subjects.decode_release(task.decode_id),
                               encode(KVRelease(request_id=task.request.request_id)))
 

@@ -4,14 +4,15 @@ chunked prefill, with and without its own prefix cache."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 
 import httpx
 import pytest
 
 from .conftest import start_up, stop_up
-from .test_up import PROMPTS, check_identical, complete, demo_reference, reference_ids  # noqa: F401 (fixture)
+from .test_up import (  # noqa: F401 (fixture)
+    PROMPTS, check_identical, check_single_and_concurrent, complete, demo_reference, reference_ids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -33,19 +34,13 @@ def chunked_up(tmp_path_factory):
     assert code == 0 and orphans == [], deployment.log()[-3000:]
 
 
-async def check_single_and_concurrent(base_url: str, model, tokenizer) -> None:
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
-        body = await complete(client, "demo", PROMPTS[2], 24)
-        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(PROMPTS[2]), 24), tokenizer)
-        lengths = [6 + 4 * i for i in range(len(PROMPTS))]
-        bodies = await asyncio.gather(*[complete(client, "demo", p, n) for p, n in zip(PROMPTS, lengths)])
-    for prompt, n, body in zip(PROMPTS, lengths, bodies):
-        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), n), tokenizer)
+# Output lengths of the concurrent requests.
+LENGTHS = [6 + 4 * i for i in range(len(PROMPTS))]
 
 
 async def test_colocated_greedy_matches_transformers_on_both_instances(colocated_up, demo_reference):
     model, tokenizer = demo_reference
-    await check_single_and_concurrent(colocated_up.base_url, model, tokenizer)
+    await check_single_and_concurrent(colocated_up.base_url, model, tokenizer, PROMPTS[2], 24, LENGTHS)
     log = colocated_up.log()
     # Every request's prefill and decode ran in the same process, and both instances served.
     placed = re.findall(r"placed on prefill (\S+)-prefill \(reusing \d+ blocks\), decode (\S+)-decode;", log)
@@ -57,7 +52,7 @@ async def test_colocated_greedy_matches_transformers_on_both_instances(colocated
 
 async def test_colocated_chunked_prefill_and_own_prefix_cache(chunked_up, demo_reference):
     model, tokenizer = demo_reference
-    await check_single_and_concurrent(chunked_up.base_url, model, tokenizer)
+    await check_single_and_concurrent(chunked_up.base_url, model, tokenizer, PROMPTS[2], 24, LENGTHS)
     # A prompt of 3 full blocks of 64 tokens and more, twice: the second reuses 2 blocks from the instance's own
     # cache (it keeps the last token of a block-aligned prompt to compute), output identical.
     prompt = "The shared system prompt of a chat. " * 8

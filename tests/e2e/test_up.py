@@ -64,15 +64,22 @@ def demo_reference():
     return build_demo_model(), TextTokenizer.load("demo")
 
 
-async def test_single_and_concurrent_greedy_match_transformers(demo_up, demo_reference):
-    model, tokenizer = demo_reference
-    async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=120) as client:
-        body = await complete(client, "demo", PROMPTS[1], 32)
-        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(PROMPTS[1]), 32), tokenizer)
-        lengths = [8 + 5 * i for i in range(len(PROMPTS))]
+async def check_single_and_concurrent(base_url: str, model, tokenizer, single: str, num_single: int,
+                                      lengths: list[int]) -> None:
+    """`single` alone, then every prompt of PROMPTS at once (`lengths` tokens each): all token-identical to
+    transformers' greedy generate."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        body = await complete(client, "demo", single, num_single)
+        check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(single), num_single), tokenizer)
         bodies = await asyncio.gather(*[complete(client, "demo", p, n) for p, n in zip(PROMPTS, lengths)])
     for prompt, n, body in zip(PROMPTS, lengths, bodies):
         check_identical(body, reference_ids(model, tokenizer, tokenizer.encode(prompt), n), tokenizer)
+
+
+async def test_single_and_concurrent_greedy_match_transformers(demo_up, demo_reference):
+    model, tokenizer = demo_reference
+    await check_single_and_concurrent(demo_up.base_url, model, tokenizer, PROMPTS[1], 32,
+                                      [8 + 5 * i for i in range(len(PROMPTS))])
 
 
 async def test_chat_uses_the_plain_template(demo_up, demo_reference):
