@@ -1,56 +1,96 @@
-"""Whose prefill chunk runs next: the prompts in progress on a prefill worker take turns on its one device, a
-chunk at a time, the one with the fewest tokens left first (so a short prompt is not held behind a long one's
-whole length; ties in arrival order). Runs each chunk in a worker thread; plain asyncio, no bus."""
+"""Whose prefill chunks run in the next forward: the prompts in progress on a prefill worker share its one device
+a forward at a time. Each forward takes up to the engine's chunk size in tokens, filled from the prompts with the
+fewest tokens left first (ties in arrival order): a short prompt is not held behind a long one's whole length, and
+several short prompts (or a short one and a long one's next chunk) share one forward. Without chunking a forward
+takes one whole prompt. Forwards run in a worker thread; plain asyncio, no bus."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
+from collections.abc import Callable
 
-from tsukimi.prefill.engine import PrefillJob
+from tsukimi.prefill.engine import PrefillJob, PrefillStopped
+
+# (job, tokens to compute) per prompt in one forward -> the jobs that stopped (see `PrefillEngine.step`).
+StepFn = Callable[[list[tuple[PrefillJob, int]]], dict[PrefillJob, PrefillStopped]]
+
+
+def plan(remaining: list[int], budget_tokens: int) -> list[tuple[int, int]]:
+    """Which prompts feed the next forward and how many tokens each: (index into `remaining`, tokens) for the
+    prompts in `remaining` order (callers sort it: fewest left first), filling `budget_tokens`; a budget of 0 (no
+    chunking) gives the first prompt whole."""
+    if not remaining:
+        return []
+    if budget_tokens <= 0:
+        return [(0, remaining[0])]
+    parts = []
+    for index, num_left in enumerate(remaining):
+        n = min(num_left, budget_tokens)
+        parts.append((index, n))
+        budget_tokens -= n
+        if budget_tokens == 0:
+            break
+    return parts
 
 
 class ChunkScheduler:
-    """Serialises `PrefillJob.step` calls of concurrent requests, shortest remaining first."""
+    """Runs concurrent requests' prefill jobs to their ends, packing their chunks into shared forwards."""
 
-    def __init__(self) -> None:
-        self._waiting: list[tuple[int, int, asyncio.Future]] = []
+    def __init__(self, step: StepFn, budget_tokens: int):
+        self._step = step
+        # Prompt tokens per forward; 0: one whole prompt per forward.
+        self.budget_tokens = budget_tokens
+        # Jobs in progress -> (arrival order, future its `run` awaits).
+        self._jobs: dict[PrefillJob, tuple[int, asyncio.Future]] = {}
         self._order = itertools.count()
-        self._is_busy = False
-        # Chunks run so far.
+        self._driver: asyncio.Task | None = None
+        # Forwards run so far.
+        self.num_forwards = 0
+        # Chunks computed so far (a forward computes one chunk of each prompt in it).
         self.num_chunks = 0
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        """Jobs not finished yet."""
+        return len(self._jobs)
 
     async def run(self, job: PrefillJob) -> None:
-        """Runs `job` to its end, one chunk per turn; raises what its step raises (e.g. PrefillStopped)."""
-        while not job.is_done:
-            await self._turn(job.num_remaining)
-            try:
-                await asyncio.to_thread(job.step)
-                self.num_chunks += 1
-            finally:
-                self._is_busy = False
-                self._grant()
-
-    async def _turn(self, num_remaining: int) -> None:
-        granted = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (num_remaining, next(self._order), granted))
-        self._grant()
+        """Runs `job` to its end; raises what stopped it (PrefillStopped, or the forward's error)."""
+        if job.is_done:
+            return
+        done = asyncio.get_running_loop().create_future()
+        self._jobs[job] = (next(self._order), done)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.create_task(self._drive())
         try:
-            await granted
-        except asyncio.CancelledError:
-            if granted.done() and not granted.cancelled():
-                self._is_busy = False  # granted, then cancelled before running: pass the turn on
-                self._grant()
-            raise
+            await done
+        finally:
+            self._jobs.pop(job, None)
 
-    def _grant(self) -> None:
-        while not self._is_busy and self._waiting:
-            _, _, granted = heapq.heappop(self._waiting)
-            if not granted.done():
-                self._is_busy = True
-                granted.set_result(None)
+    async def _drive(self) -> None:
+        while self._jobs:
+            ordered = sorted(self._jobs, key=lambda job: (job.num_remaining, self._jobs[job][0]))
+            parts = [(ordered[i], n) for i, n in plan([job.num_remaining for job in ordered], self.budget_tokens)]
+            try:
+                stopped = await asyncio.to_thread(self._step, parts)
+            except Exception as exc:
+                for job, _ in parts:
+                    self._settle(job, exc)
+                continue
+            self.num_forwards += 1
+            self.num_chunks += len(parts) - len(stopped)
+            for job, _ in parts:
+                if job in stopped:
+                    self._settle(job, stopped[job])
+                elif job.is_done:
+                    self._settle(job, None)
+
+    def _settle(self, job: PrefillJob, error: BaseException | None) -> None:
+        entry = self._jobs.pop(job, None)
+        if entry is None or entry[1].done():
+            return  # its run was cancelled meanwhile
+        if error is None:
+            entry[1].set_result(None)
+        else:
+            entry[1].set_exception(error)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from tsukimi.common.messages import KVLayout
 from tsukimi.model.kv import block_layout
+from tsukimi.prefill.packed_cache import PackedCache
 
 
 @dataclass
@@ -27,6 +28,10 @@ class PrefillResult:
 
 class PrefillStopped(Exception):
     """A prefill was stopped between two chunks or layers (`should_stop` said so)."""
+
+
+class _AllStopped(Exception):
+    """Ends a shared forward early: every job in it stopped."""
 
 
 # (layer index, its K, its V [1, heads, prompt_len, dim]) once that layer of the prompt's last forward is done.
@@ -90,6 +95,64 @@ class PrefillEngine:
         chunk and after every layer; when it says so, PrefillStopped is raised and nothing is kept."""
         return PrefillJob(self, prompt_token_ids, prefix_kv, on_layer, should_stop)
 
+    @torch.inference_mode()
+    def step(self, parts: list[tuple["PrefillJob", int]]) -> dict["PrefillJob", PrefillStopped]:
+        """One forward computing the next `num_tokens` of each (job, num_tokens) in `parts`: one job alone, or
+        several jobs' chunks packed into one row where each attends only to its own prompt. A job's last chunk
+        makes its `result`. Returns the jobs that stopped (`should_stop` said so before the forward or after a
+        layer), with why; they keep nothing, and the others go on (the forward ends early when all stopped)."""
+        stopped = {}
+        running = []
+        for job, n in parts:
+            reason = job._stop_reason(f"stopped before the chunk at token {job.num_prefix + job.num_computed}")
+            if reason is not None:
+                stopped[job] = reason
+            else:
+                running.append((job, min(n, job.num_remaining)))
+        if not running:
+            return stopped
+
+        def layer_done(index: int) -> None:
+            for job, n in running:
+                if job in stopped:
+                    continue
+                reason = job._stop_reason(f"stopped after layer {index}")
+                if reason is not None:
+                    stopped[job] = reason
+                elif job._on_layer is not None and job.is_last(n):
+                    layer = job._cache.layers[index]
+                    job._on_layer(index, layer.keys, layer.values)
+            if len(stopped) == len(parts):
+                raise _AllStopped()
+
+        model = self.model
+        reports = any(job._on_layer is not None or job._should_stop is not None for job, _ in running)
+        tokens = [token for job, n in running for token in job._rest[job.num_computed:job.num_computed + n]]
+        try:
+            with self.compute(), _LayerHooks.listening(model, layer_done if reports else None):
+                started = time.perf_counter()
+                input_ids = torch.tensor([tokens], dtype=torch.long)
+                if len(running) == 1:
+                    logits = model(input_ids=input_ids, cache=running[0][0]._cache, use_cache=True,
+                                   logits_to_keep=1).logits[0]
+                else:
+                    cache = PackedCache([job._cache for job, _ in running], [n for _, n in running])
+                    logits = model(input_ids=input_ids, attention_mask=cache.mask, position_ids=cache.position_ids,
+                                   cache=cache, use_cache=True, logits_to_keep=cache.last_indices).logits[0]
+                seconds = time.perf_counter() - started
+        except _AllStopped:
+            seconds = None
+        for job, _ in running:
+            if job in stopped:
+                job._cache = None
+        if seconds is None:
+            return stopped
+        for row, (job, n) in enumerate(running):
+            if job not in stopped:
+                # NOTE: a shared forward's time is split by tokens fed (what the cost model is corrected with).
+                job._advance(n, logits[row], seconds * n / len(tokens))
+        return stopped
+
     def run(self, prompt_token_ids: list[int], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
             on_layer: LayerCallback | None = None, should_stop: Callable[[], bool] | None = None) -> PrefillResult:
         """Prefills one prompt, every chunk in a row (see `start`)."""
@@ -130,33 +193,27 @@ class PrefillJob:
         """Prompt tokens still to compute."""
         return len(self._rest) - self.num_computed
 
-    @torch.inference_mode()
-    def step(self) -> None:
-        """Computes the next chunk (the whole rest without chunking); the last one makes `result`."""
-        stop = self._should_stop
-        start = self.num_computed
-        if stop is not None and stop():
-            raise PrefillStopped(f"stopped before the chunk at token {self.num_prefix + start}")
-        end = min(len(self._rest), start + (self.engine.chunk_tokens or len(self._rest)))
-        is_last = end == len(self._rest)
-        cache, on_layer = self._cache, self._on_layer
+    def is_last(self, num_tokens: int) -> bool:
+        """Whether computing `num_tokens` more ends the prompt."""
+        return num_tokens >= self.num_remaining
 
-        def layer_done(index: int) -> None:
-            if stop is not None and stop():
-                raise PrefillStopped(f"stopped after layer {index}")
-            if is_last and on_layer is not None:
-                layer = cache.layers[index]
-                on_layer(index, layer.keys, layer.values)
+    def step(self, num_tokens: int = 0) -> None:
+        """Computes the next chunk (`num_tokens`, or the engine's chunk size, or the whole rest without chunking)
+        in a forward of its own; the last one makes `result`."""
+        n = num_tokens or self.engine.chunk_tokens or self.num_remaining
+        stopped = self.engine.step([(self, n)])
+        if self in stopped:
+            raise stopped[self]
 
-        model = self.engine.model
-        with self.engine.compute(), _LayerHooks.listening(model, layer_done if (on_layer or stop) else None):
-            started = time.perf_counter()
-            out = model(input_ids=torch.tensor([self._rest[start:end]], dtype=torch.long), cache=cache,
-                        use_cache=True, logits_to_keep=1)
-            self.compute_s += time.perf_counter() - started
-        self._cache = out.cache
-        self.num_computed = end
-        if is_last:
-            self.result = PrefillResult(logits=out.logits[0, -1].float(),
+    def _stop_reason(self, when: str) -> PrefillStopped | None:
+        if self._should_stop is not None and self._should_stop():
+            return PrefillStopped(when)
+        return None
+
+    def _advance(self, num_tokens: int, logits: torch.Tensor, compute_s: float) -> None:
+        self.num_computed += num_tokens
+        self.compute_s += compute_s
+        if self.num_remaining == 0:
+            self.result = PrefillResult(logits=logits.float(),
                                         kv=[(layer.keys, layer.values) for layer in self._cache.layers])
             self._cache = None

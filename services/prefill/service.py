@@ -1,8 +1,7 @@
 """Prefill worker process: computes prompts' KV and first tokens, hands each request to its decode worker.
 
-The loop reads as: take the next task, reserve decode blocks, run it (its chunks taking turns with the other
-requests in progress, each in a thread) while each finished layer's KV streams into those blocks, send the first
-token, hand over.
+The loop reads as: take the next task, reserve decode blocks, run it (its chunks sharing forwards with the other
+requests in progress) while each finished layer's KV streams into those blocks, send the first token, hand over.
 """
 
 from __future__ import annotations
@@ -79,9 +78,9 @@ class PrefillService:
         self._queued_lengths: deque[int] = deque()
         # Per request being prefilled: (predicted seconds of its whole forward, its job once computing).
         self._active: dict[str, tuple[float, PrefillJob | None]] = {}
-        # Their tasks (at most `prefill_max_active`), which take turns on the device a chunk at a time.
+        # Their tasks (at most `prefill_max_active`), whose chunks share the device's forwards.
         self._tasks: set[asyncio.Task] = set()
-        self.chunks = ChunkScheduler()
+        self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens)
         self.transfer: TransferEngine | None = None
         # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
         # colocated worker's in-process cache: then the pool is not used).
@@ -107,7 +106,7 @@ class PrefillService:
 
     @property
     def num_running(self) -> int:
-        """Requests being prefilled (their chunks take turns)."""
+        """Requests being prefilled (their chunks share forwards)."""
         return len(self._active)
 
     def queued_prefill_s(self) -> float:

@@ -1,68 +1,125 @@
-"""The prefill worker's chunk turns: one chunk at a time, shortest remaining prompt first."""
+"""The prefill worker's forwards: each fills its token budget from the prompts with the fewest tokens left, so
+prompts' chunks share forwards; a stopped prompt leaves the others going."""
 
 import asyncio
 import time
 
 import pytest
+import torch
 
-from tsukimi.prefill.chunk_scheduler import ChunkScheduler
+from tsukimi.prefill.chunk_scheduler import ChunkScheduler, plan
 from tsukimi.prefill.engine import PrefillEngine, PrefillStopped
 
 
-class FakeJob:
-    """A job of `num_chunks` chunks of `chunk` tokens that logs each step."""
+def test_plan_fills_the_budget_fewest_left_first():
+    assert plan([], 512) == []
+    assert plan([100, 300, 2000], 512) == [(0, 100), (1, 300), (2, 112)]
+    assert plan([600, 900], 512) == [(0, 512)]
+    assert plan([100, 412, 50], 512) == [(0, 100), (1, 412)]
+    assert plan([30, 40], 512) == [(0, 30), (1, 40)]
+    # No chunking: one whole prompt per forward.
+    assert plan([3000, 10], 0) == [(0, 3000)]
 
-    def __init__(self, name, num_chunks, chunk, log, fail_at=None):
-        self.name, self.left, self.chunk, self.log, self.fail_at = name, num_chunks, chunk, log, fail_at
+
+class FakeJob:
+    """A prompt of `num_tokens` tokens; `stop_at` its remaining tokens when it asks to stop."""
+
+    def __init__(self, name, num_tokens, stop_at=None):
+        self.name, self.num_remaining, self.stop_at = name, num_tokens, stop_at
 
     @property
     def is_done(self):
-        return self.left == 0
+        return self.num_remaining == 0
 
-    @property
-    def num_remaining(self):
-        return self.left * self.chunk
 
-    def step(self):
-        if self.fail_at == self.left:
-            raise PrefillStopped("stop")
+def fake_step(log):
+    def step(parts):
         time.sleep(0.02)
-        self.log.append(self.name)
-        self.left -= 1
+        log.append([(job.name, n) for job, n in parts])
+        stopped = {}
+        for job, n in parts:
+            if job.stop_at == job.num_remaining:
+                stopped[job] = PrefillStopped(f"{job.name} stopped")
+            else:
+                job.num_remaining -= n
+        return stopped
+
+    return step
 
 
-async def test_a_short_prompt_overtakes_a_long_one_between_chunks():
-    scheduler, log = ChunkScheduler(), []
-    long = asyncio.create_task(scheduler.run(FakeJob("long", 4, 100, log)))
+async def test_a_short_prompt_joins_a_long_ones_forward():
+    log = []
+    scheduler = ChunkScheduler(fake_step(log), 100)
+    long = asyncio.create_task(scheduler.run(FakeJob("long", 400)))
     await asyncio.sleep(0.01)  # long runs its first chunk alone
-    short = asyncio.create_task(scheduler.run(FakeJob("short", 1, 100, log)))
+    short = asyncio.create_task(scheduler.run(FakeJob("short", 30)))
     await asyncio.gather(long, short)
-    assert log == ["long", "short", "long", "long", "long"]
-    assert scheduler.num_chunks == 5 and scheduler.num_waiting == 0
+    assert log == [[("long", 100)], [("short", 30), ("long", 70)], [("long", 100)], [("long", 100)],
+                   [("long", 30)]]
+    assert scheduler.num_forwards == 5 and scheduler.num_chunks == 6 and scheduler.num_waiting == 0
 
 
-async def test_a_stopped_job_passes_the_turn_on():
-    scheduler, log = ChunkScheduler(), []
-    bad = asyncio.create_task(scheduler.run(FakeJob("bad", 3, 10, log, fail_at=2)))
-    good = asyncio.create_task(scheduler.run(FakeJob("good", 2, 100, log)))
-    with pytest.raises(PrefillStopped):
+async def test_a_stopped_job_raises_and_the_others_go_on():
+    log = []
+    scheduler = ChunkScheduler(fake_step(log), 50)
+    bad = asyncio.create_task(scheduler.run(FakeJob("bad", 60, stop_at=10)))
+    good = asyncio.create_task(scheduler.run(FakeJob("good", 150)))
+    with pytest.raises(PrefillStopped, match="bad stopped"):
         await bad
     await good
-    assert log.count("bad") == 1 and log.count("good") == 2
+    assert log == [[("bad", 50)], [("bad", 10), ("good", 40)], [("good", 50)], [("good", 50)], [("good", 10)]]
+    assert scheduler.num_waiting == 0
 
 
-async def test_chunked_jobs_interleaved_give_the_same_results():
+async def test_a_failed_forward_fails_every_job_in_it_and_the_next_ones_run():
+    calls = []
+
+    def step(parts):
+        calls.append([job.name for job, _ in parts])
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        for job, n in parts:
+            job.num_remaining -= n
+        return {}
+
+    scheduler = ChunkScheduler(step, 100)
+    first = [asyncio.create_task(scheduler.run(FakeJob(name, 20))) for name in ("a", "b")]
+    results = await asyncio.gather(*first, return_exceptions=True)
+    assert [str(r) for r in results] == ["boom", "boom"]
+    await scheduler.run(FakeJob("c", 20))
+    assert calls == [["a", "b"], ["c"]]
+
+
+async def test_a_cancelled_run_leaves_the_next_forwards():
+    log = []
+    scheduler = ChunkScheduler(fake_step(log), 100)
+    gone = asyncio.create_task(scheduler.run(FakeJob("gone", 1000)))
+    await asyncio.sleep(0.03)
+    gone.cancel()
+    await scheduler.run(FakeJob("stays", 150))
+    assert all(("gone", 100) not in forward for forward in log[2:])
+    assert log[-2:] == [[("stays", 100)], [("stays", 50)]]
+    assert scheduler.num_waiting == 0
+
+
+async def test_packed_chunks_give_the_results_of_separate_prefills():
     from tsukimi.model.loader import build_demo_model
     from tests.unit.tiny_model import TINY
 
     model = build_demo_model(TINY, seed=7)
     plain = PrefillEngine(model)
-    chunked = PrefillEngine(model, chunk_tokens=5)
+    chunked = PrefillEngine(model, chunk_tokens=8)
     prompts = [list(range(1, 23)), list(range(40, 47)), list(range(60, 75))]
-    scheduler = ChunkScheduler()
+    scheduler = ChunkScheduler(chunked.step, chunked.chunk_tokens)
     jobs = [chunked.start(p) for p in prompts]
     await asyncio.gather(*(scheduler.run(j) for j in jobs))
-    assert scheduler.num_chunks == 5 + 2 + 3
+    # 44 tokens, 8 per forward: 6 forwards; the 7-token prompt shares its first.
+    assert scheduler.num_forwards == 6
+    assert scheduler.num_chunks > scheduler.num_forwards
     for job, prompt in zip(jobs, prompts):
-        assert job.result.logits.argmax() == plain.run(prompt).logits.argmax()
-        assert job.result.kv[0][0].shape[2] == len(prompt)
+        ref = plain.run(prompt)
+        assert job.result.logits.argmax() == ref.logits.argmax()
+        assert torch.allclose(job.result.logits, ref.logits, atol=1e-4)
+        for (k, v), (k_ref, v_ref) in zip(job.result.kv, ref.kv):
+            assert k.shape == k_ref.shape == (1, 2, len(prompt), 16)
+            assert torch.allclose(k, k_ref, atol=1e-5) and torch.allclose(v, v_ref, atol=1e-5)

@@ -45,3 +45,47 @@ def test_stop_between_layers_and_chunks(model):
         PrefillEngine(model, 4).run(list(range(20)), should_stop=stop_at(4))
     # The model reports to nobody once a prefill ended, whichever way.
     assert model._tsukimi_layer_listener is None
+
+
+def test_a_shared_forward_reports_each_prompts_layers_and_stops_one_alone(model):
+    plain = PrefillEngine(model)
+    engine = PrefillEngine(model, 6)
+    prompts = [list(range(30, 41)), list(range(50, 54)), list(range(70, 79))]
+    seen = {0: [], 1: [], 2: []}
+    asked = []
+
+    def stop_third() -> bool:
+        asked.append(1)
+        return len(asked) >= 2  # asked before the forward, then stops after layer 0
+
+    jobs = [engine.start(p, on_layer=lambda i, k, v, j=j: seen[j].append((i, k.clone())),
+                         should_stop=stop_third if j == 2 else None) for j, p in enumerate(prompts)]
+    engine.step([(jobs[0], 6)])
+    stopped = engine.step([(jobs[0], 5), (jobs[1], 4), (jobs[2], 9)])
+    assert list(stopped) == [jobs[2]] and "layer 0" in str(stopped[jobs[2]])
+    assert jobs[2].result is None and jobs[2]._cache is None
+    # Each finishing prompt's layers are reported once, in order, with its whole KV; the stopped one reports none.
+    assert [i for i, _ in seen[0]] == [0, 1] and [i for i, _ in seen[1]] == [0, 1] and seen[2] == []
+    for j in (0, 1):
+        ref = plain.run(prompts[j])
+        assert torch.equal(jobs[j].result.logits.argmax(), ref.logits.argmax())
+        for (i, k), (k_ref, _) in zip(seen[j], ref.kv):
+            assert k.shape == k_ref.shape and torch.allclose(k, k_ref, atol=1e-5)
+    assert model._tsukimi_layer_listener is None
+
+
+def test_a_shared_forward_whose_prompts_all_stop_ends_early(model):
+    def stop_at_second_ask():
+        asked = []
+        return lambda: asked.append(1) or len(asked) >= 2  # before the forward, then after layer 0
+
+    engine = PrefillEngine(model, 8)
+    jobs = [engine.start(list(range(10, 20)), should_stop=stop_at_second_ask()) for _ in range(2)]
+    layer_1_runs = []
+    hook = model.get_decoder().layers[1].register_forward_hook(lambda *args: layer_1_runs.append(1))
+    try:
+        stopped = engine.step([(jobs[0], 8), (jobs[1], 8)])
+    finally:
+        hook.remove()
+    assert set(stopped) == set(jobs) and all("layer 0" in str(e) for e in stopped.values())
+    assert layer_1_runs == [] and all(job.num_computed == 0 and job.result is None for job in jobs)
