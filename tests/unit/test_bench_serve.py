@@ -323,11 +323,11 @@ def fake_server():
     sock.close()
 
 
-def test_whole_client_against_a_fake_server(fake_server, capsys):
+def test_whole_client_against_a_fake_server(fake_server, capsys, tmp_path):
     url, state = fake_server
     code = main(["bench", "serve", "--url", url, "--synthetic", "--rate", "40", "--limit", "12", "--input-len",
                  "20", "--output-len", "4", "--prefix-ratio", "0.5", "--ttft-slo", "1.0", "--tbt-slo", "0.5",
-                 "--json"])
+                 "--json", "--records", str(tmp_path / "records.jsonl")])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"]["model"] == "fake-model" and state["n"] == 12
@@ -342,6 +342,11 @@ def test_whole_client_against_a_fake_server(fake_server, capsys):
     assert TOKEN_GAP_S * 0.9 <= out["itl_s"]["p50"] < TOKEN_GAP_S + 0.2
     assert out["output_tokens"] == 36 and out["prefix_hit_rate"] == pytest.approx(8 / 20)
     assert out["tokens_per_chunk"] == 1.0 and out["short_answers"] == 0
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and {r["rate"] for r in records} == {40}
+    assert [r["outcome"] for r in records].count("rejected") == 3
+    assert all(r["prompt_len"] == 20 for r in records)
+    assert all(len(r["token_times"]) == 4 for r in records if r["outcome"] == "ok")
 
 
 async def test_client_overload_and_unfinished(fake_server):

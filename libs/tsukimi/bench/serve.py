@@ -23,6 +23,7 @@ import sys
 import time
 
 from tsukimi.bench.serve_metrics import per_request, summarize
+from tsukimi.bench.serve_record import write_records
 from tsukimi.bench.serve_sweep import RateSearch
 from tsukimi.bench.serve_workload import (
     DEMO_EOS_ID,
@@ -129,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="seconds of idle between sweep points (default %(default)s)")
     parser.add_argument("--plot-dir", help="write TTFT/TBT CDFs (and capacity versus rate with --sweep) here")
     parser.add_argument("--json", action="store_true", help="print one JSON object (no progress line)")
+    parser.add_argument("--records", metavar="FILE",
+                        help="append every request's record (one JSON object per line: load, prompt length, "
+                             "outcome, send and token times) to FILE, for analysis")
 
 
 class Bench:
@@ -180,6 +184,9 @@ class Bench:
         summary = {self.load_name: load, "prompt_salt": salt,
                    **summarize(out.records, elapsed_s=out.elapsed_s, window_s=schedule.window_s,
                                ttft_slo_s=a.ttft_slo, tbt_slo_s=a.tbt_slo)}
+        if a.records:
+            write_records(a.records, {self.load_name: load, "prompt_salt": salt},
+                          [len(r.prompt) for r in schedule.requests], out.records)
         return summary, per_request(out.records)
 
     def config(self) -> dict:

@@ -7,6 +7,7 @@ chunk counts and usage's `completion_tokens` are both kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -120,3 +121,11 @@ def apply_event(rec: RequestRecord, data: str, now: float) -> bool:
             rec.finish_reason = choice["finish_reason"]
             rec.finish_s = now
     return False
+
+
+def write_records(path: str, load: dict, prompt_lens: list[int], records: list[RequestRecord]) -> None:
+    """Appends one JSON line per record to `path`: the run's `load` fields, the planned prompt length and every
+    field of the record."""
+    with open(path, "a") as f:
+        for prompt_len, rec in zip(prompt_lens, records):
+            f.write(json.dumps({**load, "prompt_len": prompt_len, **dataclasses.asdict(rec)}) + "\n")
