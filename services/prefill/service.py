@@ -1,7 +1,7 @@
 """Prefill worker process: computes prompts' KV and first tokens, hands each request to its decode worker.
 
-The loop reads as: take the next task, reserve decode blocks, run it (its chunks sharing forwards with the other
-requests in progress) while each finished layer's KV streams into those blocks, send the first token, hand over.
+The loop reads as: take the next task, reserve decode blocks, run it (its chunks taking turns with, or when short
+packed into one forward with, the other requests in progress) while each finished layer's KV streams into those blocks, send the first token, hand over.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class PrefillService:
         self._active: dict[str, tuple[float, PrefillJob | None]] = {}
         # Their tasks (at most `prefill_max_active`), whose chunks share the device's forwards.
         self._tasks: set[asyncio.Task] = set()
-        self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens)
+        self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens, settings.prefill_pack_tokens)
         self.transfer: TransferEngine | None = None
         # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
         # colocated worker's in-process cache: then the pool is not used).

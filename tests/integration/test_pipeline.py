@@ -42,13 +42,14 @@ async def cluster(nats_url, model, tmp_path):
     """One conductor, prefill and decode service in this loop; yields (nats client, services)."""
     settings = Settings(nats_url=nats_url, heartbeat_interval_s=0.2, database_url=f"sqlite:///{tmp_path}/j.db",
                         cluster_secret="pipeline-test", kv_arena_bytes=64 << 20,
-                        # NOTE: small chunks, so concurrent prompts take turns chunk by chunk in every test here.
+                        # NOTE: small chunks, so concurrent prompts take turns chunk by chunk (and short ones share
+                        # forwards) in every test here.
                         prefill_chunk_tokens=32)
     stop = asyncio.Event()
     conductor = ConductorService(settings.model_copy(update={"instance_id": "c-" + uuid.uuid4().hex[:6]}),
                                  RequestJournal(settings.database_url))
     prefill = PrefillService(settings.model_copy(update={"instance_id": "p-" + uuid.uuid4().hex[:6]}),
-                             PrefillEngine(model), 4096)
+                             PrefillEngine(model, settings.prefill_chunk_tokens), 4096)
     decoder = DecodeService(settings.model_copy(update={"instance_id": "d-" + uuid.uuid4().hex[:6]}),
                             build_engine(settings.model_copy(update={"max_batch_size": 8}), model))
     tasks = [asyncio.create_task(s.run(stop)) for s in (conductor, prefill, decoder)]
@@ -102,7 +103,7 @@ async def test_greedy_matches_transformers_single(cluster, model):
 
 
 async def test_greedy_matches_transformers_concurrent(cluster, model):
-    nc, *_ = cluster
+    nc, _, prefill, _ = cluster
     prompts = [list(f"prompt number {i}: ".encode()) * (1 + 3 * i) for i in range(8)]
     lengths = [5 + 3 * i for i in range(8)]
     results = await asyncio.gather(*[
@@ -112,6 +113,20 @@ async def test_greedy_matches_transformers_concurrent(cluster, model):
     for prompt, n, (_, tokens, _, error) in zip(prompts, lengths, results):
         assert error is None
         assert tokens == reference(model, prompt, n)
+    # Every prompt is cut into chunks of 32 tokens at most.
+    assert prefill.chunks.num_forwards >= sum(-(-len(p) // 32) for p in prompts)
+
+
+async def test_greedy_matches_transformers_short_prompts_sharing_forwards(cluster, model):
+    nc, _, prefill, _ = cluster
+    prompts = [list(f"q{i}?".encode()) * (1 + i % 3) for i in range(8)]
+    results = await asyncio.gather(*[
+        generate(nc, p, SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[EOS])) for p in prompts])
+    for prompt, (_, tokens, _, error) in zip(prompts, results):
+        assert error is None
+        assert tokens == reference(model, prompt, 6)
+    # Short prompts arriving together were packed into shared forwards.
+    assert prefill.chunks.num_chunks == len(prompts) and prefill.chunks.num_forwards < len(prompts)
 
 
 async def test_seeded_sampling_is_reproducible(cluster):

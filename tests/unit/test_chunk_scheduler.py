@@ -1,5 +1,5 @@
-"""The prefill worker's forwards: each fills its token budget from the prompts with the fewest tokens left, so
-prompts' chunks share forwards; a stopped prompt leaves the others going."""
+"""The prefill worker's forwards: the prompt with the fewest tokens left goes first, a chunk at a time; short
+prompts share one forward; a stopped prompt leaves the others going."""
 
 import asyncio
 import time
@@ -11,14 +11,20 @@ from tsukimi.prefill.chunk_scheduler import ChunkScheduler, plan
 from tsukimi.prefill.engine import PrefillEngine, PrefillStopped
 
 
-def test_plan_fills_the_budget_fewest_left_first():
-    assert plan([], 512) == []
-    assert plan([100, 300, 2000], 512) == [(0, 100), (1, 300), (2, 112)]
-    assert plan([600, 900], 512) == [(0, 512)]
-    assert plan([100, 412, 50], 512) == [(0, 100), (1, 412)]
-    assert plan([30, 40], 512) == [(0, 30), (1, 40)]
+def test_plan_packs_short_prompts_and_runs_longer_ones_alone():
+    assert plan([], 512, 64) == []
+    # Short prompts share a forward, whole, up to the budget.
+    assert plan([10, 30, 64, 500], 512, 64) == [(0, 10), (1, 30), (2, 64)]
+    assert plan([40, 50, 60], 100, 64) == [(0, 40), (1, 50)]
+    # A longer prompt runs alone, a chunk of at most the budget.
+    assert plan([100, 300, 2000], 512, 64) == [(0, 100)]
+    assert plan([600, 900], 512, 64) == [(0, 512)]
+    # Packing everything that fits: a long prompt's chunk shares the forward.
+    assert plan([100, 300, 2000], 512, 10 ** 6) == [(0, 100), (1, 300)]
+    # No packing.
+    assert plan([10, 20], 512, 0) == [(0, 10)]
     # No chunking: one whole prompt per forward.
-    assert plan([3000, 10], 0) == [(0, 3000)]
+    assert plan([3000, 10], 0, 64) == [(0, 3000)]
 
 
 class FakeJob:
@@ -47,27 +53,27 @@ def fake_step(log):
     return step
 
 
-async def test_a_short_prompt_joins_a_long_ones_forward():
+async def test_short_prompts_pass_a_long_one_and_share_a_forward():
     log = []
-    scheduler = ChunkScheduler(fake_step(log), 100)
-    long = asyncio.create_task(scheduler.run(FakeJob("long", 400)))
+    scheduler = ChunkScheduler(fake_step(log), 100, 40)
+    long = asyncio.create_task(scheduler.run(FakeJob("long", 300)))
     await asyncio.sleep(0.01)  # long runs its first chunk alone
-    short = asyncio.create_task(scheduler.run(FakeJob("short", 30)))
-    await asyncio.gather(long, short)
-    assert log == [[("long", 100)], [("short", 30), ("long", 70)], [("long", 100)], [("long", 100)],
-                   [("long", 30)]]
+    shorts = [asyncio.create_task(scheduler.run(FakeJob(name, n))) for name, n in (("a", 30), ("b", 20), ("c", 60))]
+    await asyncio.gather(long, *shorts)
+    # The short ones pass the long one; the two shortest share a forward; c (over 40) runs alone.
+    assert log == [[("long", 100)], [("b", 20), ("a", 30)], [("c", 60)], [("long", 100)], [("long", 100)]]
     assert scheduler.num_forwards == 5 and scheduler.num_chunks == 6 and scheduler.num_waiting == 0
 
 
 async def test_a_stopped_job_raises_and_the_others_go_on():
     log = []
-    scheduler = ChunkScheduler(fake_step(log), 50)
-    bad = asyncio.create_task(scheduler.run(FakeJob("bad", 60, stop_at=10)))
-    good = asyncio.create_task(scheduler.run(FakeJob("good", 150)))
+    scheduler = ChunkScheduler(fake_step(log), 50, 50)
+    bad = asyncio.create_task(scheduler.run(FakeJob("bad", 20, stop_at=20)))
+    good = asyncio.create_task(scheduler.run(FakeJob("good", 30)))
     with pytest.raises(PrefillStopped, match="bad stopped"):
         await bad
     await good
-    assert log == [[("bad", 50)], [("bad", 10), ("good", 40)], [("good", 50)], [("good", 50)], [("good", 10)]]
+    assert log == [[("bad", 20), ("good", 30)]]
     assert scheduler.num_waiting == 0
 
 
@@ -82,7 +88,7 @@ async def test_a_failed_forward_fails_every_job_in_it_and_the_next_ones_run():
             job.num_remaining -= n
         return {}
 
-    scheduler = ChunkScheduler(step, 100)
+    scheduler = ChunkScheduler(step, 100, 100)
     first = [asyncio.create_task(scheduler.run(FakeJob(name, 20))) for name in ("a", "b")]
     results = await asyncio.gather(*first, return_exceptions=True)
     assert [str(r) for r in results] == ["boom", "boom"]
@@ -108,14 +114,13 @@ async def test_packed_chunks_give_the_results_of_separate_prefills():
 
     model = build_demo_model(TINY, seed=7)
     plain = PrefillEngine(model)
-    chunked = PrefillEngine(model, chunk_tokens=8)
-    prompts = [list(range(1, 23)), list(range(40, 47)), list(range(60, 75))]
-    scheduler = ChunkScheduler(chunked.step, chunked.chunk_tokens)
+    chunked = PrefillEngine(model, chunk_tokens=16)
+    prompts = [list(range(1, 23)), list(range(40, 49)), list(range(60, 65))]
+    scheduler = ChunkScheduler(chunked.step, chunked.chunk_tokens, 10)
     jobs = [chunked.start(p) for p in prompts]
     await asyncio.gather(*(scheduler.run(j) for j in jobs))
-    # 44 tokens, 8 per forward: 6 forwards; the 7-token prompt shares its first.
-    assert scheduler.num_forwards == 6
-    assert scheduler.num_chunks > scheduler.num_forwards
+    # The 5- and 9-token prompts share a forward; the 22-token one runs alone in chunks of 16 and 6.
+    assert (scheduler.num_forwards, scheduler.num_chunks) == (3, 4)
     for job, prompt in zip(jobs, prompts):
         ref = plain.run(prompt)
         assert job.result.logits.argmax() == ref.logits.argmax()

@@ -80,8 +80,11 @@ class Settings(BaseSettings):
     # Prefill worker: prompts longer than this many tokens are computed in chunks of it, and the chunks of the
     # requests in progress take turns (fewest tokens left first); 0: whole prompts, one at a time.
     prefill_chunk_tokens: int = Field(512, ge=0)
-    # Prefill worker: requests in progress at once (their chunks take turns on the device).
+    # Prefill worker: requests in progress at once (their chunks share the device's forwards).
     prefill_max_active: int = Field(4, ge=1)
+    # Prefill worker: prompts with at most this many tokens left share a forward; a longer one runs alone (its own
+    # forward is as efficient, and sharing would add attention across prompts); 0: never share.
+    prefill_pack_tokens: int = Field(64, ge=0)
     # Colocated worker: prompt tokens per prefill chunk, interleaved with decode steps; 0: whole prompts.
     chunked_prefill_tokens: int = Field(0, ge=0)
     # Colocated worker: bytes of its own in-process prefix cache (used when `is_cache_enabled`).
