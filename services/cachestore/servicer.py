@@ -68,6 +68,17 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         """Starts (a new pool) or stops (None) answering as the master."""
         self.pool, self.master_hint, self._num_evictions = pool, master_hint, 0
 
+    async def _done(self, request) -> None:
+        """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),
+        before the call's own work."""
+        if not request.HasField("done"):
+            return
+        done = request.done
+        if done.releases:
+            await self.pool.release([(r.key, r.lease_id) for r in done.releases])
+        if done.put_end_keys:
+            await self._put_end(list(done.put_end_keys))
+
     # ---- lookups -----------------------------------------------------------------------------------------
 
     @_timed
@@ -86,6 +97,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchExists(self, request, context):
+        await self._done(request)
         return pb.BatchExistsReply(exists=await self.pool.exists(list(request.keys)))
 
     # ---- puts --------------------------------------------------------------------------------------------
@@ -116,6 +128,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchPutStart(self, request, context):
+        await self._done(request)
         try:
             results = await self._put_start(request.puts)
         except ValueError as exc:
@@ -141,7 +154,9 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchPutEnd(self, request, context):
-        await self._put_end(list(request.keys))  # NOTE: a block lost meanwhile does not fail the others.
+        await self._done(request)
+        if request.keys:
+            await self._put_end(list(request.keys))  # NOTE: a block lost meanwhile does not fail the others.
         return pb.Empty()
 
     @_timed
@@ -153,6 +168,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchPutRevoke(self, request, context):
+        await self._done(request)
         metrics.PUTS.labels("revoked").inc(sum(await self.pool.put_revoke(list(request.keys))))
         return pb.Empty()
 
@@ -182,6 +198,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchGet(self, request, context):
+        await self._done(request)
         reply = pb.BatchGetReply()
         await self._get(list(request.keys), reply.gets)
         return reply
@@ -204,6 +221,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchRemove(self, request, context):
+        await self._done(request)
         return pb.BatchRemoveReply(removed=await self.pool.remove(list(request.keys)))
 
     @_timed

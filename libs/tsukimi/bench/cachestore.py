@@ -1,5 +1,7 @@
 """`tsukimi bench cachestore`: put and get throughput of the KV cache pool (metadata over gRPC, bytes through
-the transfer engine), against a cachestore process it starts. Output keys match `bench/mooncake_store.py`."""
+the transfer engine) through `PoolClient`, against a cachestore process it starts. Output keys match
+`bench/mooncake_store.py`. `--inflight N` keeps up to N batches under way at once (pipelining: the next batch's
+metadata call overlaps this batch's copies); the default, 1, runs the batches one after the other."""
 
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import numpy as np
 
 from tsukimi.common.checksum import block_checksum
 from tsukimi.common.natsserver import NatsServer, free_port
+from tsukimi.common.pool_client import PoolClient
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
-from tsukimi.transfer.batch import Op, TransferRequest
 from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 
@@ -31,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", action="store_true", help="batches of --batch-size concurrent operations")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per op")
+    parser.add_argument("--inflight", type=int, default=1,
+                        help="batches under way at once (pipelining; 1: each batch waits for the one before)")
     parser.add_argument("--transport", choices=("shm", "tcp"), default="shm")
     parser.add_argument("--json", action="store_true")
 
@@ -74,40 +78,44 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     def keys_of(gen: int) -> list[bytes]:
         return [gen.to_bytes(4, "big") + i.to_bytes(28, "big") for i in range(args.num_blocks)]
 
+    client = PoolClient(stub, engine, rpc_timeout_s=10.0)
+    sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
+
+    async def in_flight(run_batch) -> None:
+        # Up to --inflight batches under way at once (1: one after the other), issued in order.
+        slots = asyncio.Semaphore(args.inflight)
+
+        async def one(idx: range) -> None:
+            async with slots:
+                await run_batch(idx)
+
+        await asyncio.gather(*(asyncio.ensure_future(one(idx)) for idx in batches))
+
     async def put_round(keys: list[bytes]) -> int:
-        # The calls a writer makes per batch (services/prefill/prefix_cache.py): BatchPutStart, the WRITEs of the
-        # blocks to the replicas it got, BatchPutEnd.
-        for idx in batches:
-            starts = (await stub.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(
-                key=keys[i], size=size, checksum=sums[i], num_replicas=1) for i in idx]))).puts
-            requests = []
-            for i, r in zip(idx, starts):
-                replica = r.replicas[0]
-                requests.append(TransferRequest(Op.WRITE, src, i * size, replica.segment, replica.buffer_id,
-                                                replica.offset, size))
-            await engine.transfer(requests)
-            await stub.BatchPutEnd(pb.KeysRequest(keys=[keys[i] for i in idx]))
+        # A writer's calls per batch (`PoolClient.put_many`): BatchPutStart (carrying the previous batch's put
+        # ends), the WRITEs of the blocks to the replicas it got; the round ends with a flush of the last ends
+        # (every block of the round visible when it is timed as done).
+        async def run_batch(idx: range) -> None:
+            written = await client.put_many(keys[idx.start:idx.stop], src, offsets[idx.start:idx.stop],
+                                            sizes[idx.start:idx.stop], sums[idx.start:idx.stop])
+            assert all(written), "a put was refused"
+
+        await in_flight(run_batch)
+        await client.flush()
         return args.num_blocks
 
-    releases: list = []
+    async def get_round(keys: list[bytes], verify: bool = False) -> int:
+        # A reader's calls per batch (`PoolClient.get_many`): BatchGet (carrying the previous batch's lease
+        # releases), the READs; the round ends with a flush of the last releases. NOTE: the timed rounds do not
+        # verify the blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per
+        # batch of 32, more than the pool's own work); the untimed first round checks bytes and checksums.
+        async def run_batch(idx: range) -> None:
+            read = await client.get_many(keys[idx.start:idx.stop], dst, offsets[idx.start:idx.stop],
+                                         sizes[idx.start:idx.stop], verify=verify)
+            assert all(read), "a get missed"
 
-    async def get_round(keys: list[bytes]) -> int:
-        # A reader's calls per batch: BatchGet, the READs, BatchRelease. NOTE: the timed rounds do not verify the
-        # blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per batch of 32,
-        # more than the pool's own work); the untimed first round checks bytes and checksums.
-        for idx in batches:
-            gets = (await stub.BatchGet(pb.KeysRequest(keys=[keys[i] for i in idx]))).gets
-            requests = []
-            for i, g in zip(idx, gets):
-                replica = g.replicas[0]
-                requests.append(TransferRequest(Op.READ, dst, i * size, replica.segment, replica.buffer_id,
-                                                replica.offset, size))
-            await engine.transfer(requests)
-            # NOTE: as prefill's client does, the release goes out without waiting for its answer.
-            releases.append(asyncio.ensure_future(stub.BatchRelease(pb.BatchReleaseRequest(releases=[
-                pb.ReleaseRequest(key=keys[i], lease_id=g.lease_id) for i, g in zip(idx, gets)]))))
-        await asyncio.gather(*releases)
-        releases.clear()
+        await in_flight(run_batch)
+        await client.flush()
         return args.num_blocks
 
     results = []
@@ -126,7 +134,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
         busy += time.monotonic() - started
     results.append({"op": "put", "ops_per_s": num / busy, "elapsed_s": busy, "remove_s": removing})
     keys = keys_of(generation)
-    await get_round(keys)
+    await get_round(keys, verify=True)
     assert np.array_equal(back, data), "read back bytes differ"
     assert [block_checksum(back[i * size:(i + 1) * size]) for i in range(args.num_blocks)] == sums
     num, started = 0, time.monotonic()
@@ -134,12 +142,15 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
         num += await get_round(keys)
     elapsed = time.monotonic() - started
     results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
+    await client.close()
+    stats = await stub.Stats(pb.Empty())
+    assert stats.num_blocks == args.num_blocks, f"{stats.num_blocks} blocks in the pool after the rounds, not {args.num_blocks}"
     await channel.close()
     await engine.close()
     await nc.close()
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
-                 batch=args.batch, batch_size=group, ops_per_s=round(r["ops_per_s"], 1),
+                 batch=args.batch, batch_size=group, inflight=args.inflight, ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:
             r["remove_s"] = round(r["remove_s"], 3)

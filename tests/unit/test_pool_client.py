@@ -1,0 +1,226 @@
+"""`PoolClient` against a real CacheStore gRPC servicer in this process (no broker): put ends and lease releases
+carried on the next call (`done`), the linger flush, `flush` waiting for calls under way, several operations in
+flight, and nothing left behind when callers stop mid-pipeline. Exact expectations."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from tsukimi.cachestore.master import PoolMaster
+from tsukimi.cachestore.member import LocalMember
+from tsukimi.cachestore.pool import Instance, Pool
+from tsukimi.cachestore.servicer import CacheStoreServicer
+from tsukimi.common.checksum import block_checksum
+from tsukimi.common.pool_client import PoolClient
+from tsukimi.proto import cachestore_pb2 as pb
+from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+from tsukimi.transfer.engine import TransferEngine
+from tsukimi.transfer.metadata import MemoryMetadataStore
+
+BLOCK = 64 << 10
+NUM = 16
+KEYS = [bytes([i]) * 32 for i in range(NUM)]
+
+
+class CountingStub:
+    """The real stub, counting calls per method; `delay[method]` seconds before a call goes out."""
+
+    def __init__(self, stub):
+        self._stub = stub
+        self.calls: dict[str, int] = {}
+        self.delay: dict[str, float] = {}
+
+    def __getattr__(self, name):
+        method = getattr(self._stub, name)
+
+        async def call(request, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if name in self.delay:
+                await asyncio.sleep(self.delay[name])
+            return await method(request, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+async def env():
+    metadata = MemoryMetadataStore()
+    store_engine = await TransferEngine("pool", b"s", metadata, transports=("shm",)).start()
+    dram = store_engine.allocate(4 * NUM * BLOCK)
+    await store_engine.publish()
+    master = PoolMaster()
+    pool = Pool(master)
+    await pool.join("a", Instance(LocalMember(store_engine, dram, None), "pool", dram.buffer_id), dram.length, 0)
+    server = grpc.aio.server()
+    pb_grpc.add_CacheStoreServicer_to_server(CacheStoreServicer(pool), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    engine = await TransferEngine("client", b"s", metadata, transports=("shm",)).start()
+    data = np.random.default_rng(1).integers(0, 256, NUM * BLOCK, dtype=np.uint8)
+    back = np.zeros_like(data)
+    src, dst = engine.register(data, read_only=True), engine.register(back)
+    stub = CountingStub(pb_grpc.CacheStoreStub(channel))
+    sums = [block_checksum(data[i * BLOCK:(i + 1) * BLOCK]) for i in range(NUM)]
+
+    class Env:
+        pass
+
+    e = Env()
+    e.master, e.dram, e.stub, e.raw_stub, e.engine = master, dram, stub, pb_grpc.CacheStoreStub(channel), engine
+    e.data, e.back, e.src, e.dst, e.sums = data, back, src, dst, sums
+
+    def client(linger_s: float = 60.0) -> PoolClient:
+        return PoolClient(stub, engine, linger_s=linger_s)
+
+    async def put(c: PoolClient, idx: range) -> list[bool]:
+        return await c.put_many(KEYS[idx.start:idx.stop], src, [i * BLOCK for i in idx], [BLOCK] * len(idx),
+                                sums[idx.start:idx.stop])
+
+    async def get(c: PoolClient, idx: range, verify: bool = True) -> list[bool]:
+        return await c.get_many(KEYS[idx.start:idx.stop], dst, [i * BLOCK for i in idx], [BLOCK] * len(idx),
+                                verify=verify)
+
+    e.client, e.put, e.get = client, put, get
+    yield e
+    await channel.close()
+    await server.stop(None)
+    await engine.close()
+    await store_engine.close()
+
+
+def visible(master: PoolMaster) -> set[bytes]:
+    return {k for k in KEYS if master.exists(k)}
+
+
+def leased(master: PoolMaster) -> set[bytes]:
+    return {k for k, b in master._blocks.items() if b.leases}
+
+
+async def test_put_end_rides_on_the_next_call(env):
+    c = env.client()
+    assert await env.put(c, range(4)) == [True] * 4
+    # Written, but its put end has not gone out: nobody sees the blocks yet.
+    assert visible(env.master) == set() and c.num_pending == 4
+    assert await env.put(c, range(4, 8)) == [True] * 4
+    # The second BatchPutStart carried the first batch's ends: no BatchPutEnd call was made.
+    assert visible(env.master) == set(KEYS[:4]) and env.stub.calls == {"BatchPutStart": 2}
+    await c.flush()
+    assert visible(env.master) == set(KEYS[:8]) and c.num_pending == 0
+    assert env.stub.calls == {"BatchPutStart": 2, "BatchPutEnd": 1}
+    # The bytes in the pool are the ones written.
+    assert await env.get(c, range(8)) == [True] * 8
+    assert np.array_equal(env.back[:8 * BLOCK], env.data[:8 * BLOCK])
+    await c.close()
+
+
+async def test_release_rides_on_the_next_call_and_blocks_removal_until_then(env):
+    c = env.client()
+    await env.put(c, range(8))
+    await c.flush()
+    assert await env.get(c, range(4)) == [True] * 4
+    # Leased until the release goes out: the pool refuses to remove the blocks.
+    assert leased(env.master) == set(KEYS[:4])
+    assert list((await env.raw_stub.BatchRemove(pb.KeysRequest(keys=KEYS[:1]))).removed) == [False]
+    assert await env.get(c, range(4, 8)) == [True] * 4
+    assert leased(env.master) == set(KEYS[4:8]) and env.stub.calls.get("BatchRelease", 0) == 0
+    # A call of another kind carries them too: the removal sees the releases applied first.
+    removed = await env.stub.BatchRemove(pb.KeysRequest(keys=KEYS[4:6], done=c._take_done()))
+    assert list(removed.removed) == [True, True] and leased(env.master) == set()
+    await c.close()
+
+
+async def test_linger_sends_finished_work_alone(env):
+    c = env.client(linger_s=0.01)
+    await env.put(c, range(2))
+    await asyncio.sleep(0.3)
+    assert visible(env.master) == set(KEYS[:2]) and c.num_pending == 0
+    assert env.stub.calls == {"BatchPutStart": 1, "BatchPutEnd": 1}
+    await env.get(c, range(2))
+    await asyncio.sleep(0.3)
+    assert leased(env.master) == set()
+    await c.close()
+
+
+async def test_flush_waits_for_ends_already_on_their_way(env):
+    c = env.client(linger_s=0.001)
+    env.stub.delay["BatchPutEnd"] = 0.2
+    await env.put(c, range(2))
+    await asyncio.sleep(0.05)  # the linger flush has taken the ends; its call is held back
+    assert c.num_pending == 0 and visible(env.master) == set()
+    await c.flush()
+    assert visible(env.master) == set(KEYS[:2])
+    await c.close()
+
+
+async def test_pipelined_batches_move_the_right_bytes(env):
+    c = env.client()
+    batches = [range(i, i + 2) for i in range(0, NUM, 2)]
+    assert await asyncio.gather(*(env.put(c, idx) for idx in batches)) == [[True, True]] * len(batches)
+    await c.flush()
+    assert visible(env.master) == set(KEYS)
+    # No call of its own per batch: the ends went out together (all batches started before any ended).
+    assert env.stub.calls["BatchPutStart"] == len(batches) and env.stub.calls.get("BatchPutEnd", 0) <= 1
+    assert await asyncio.gather(*(env.get(c, idx) for idx in batches)) == [[True, True]] * len(batches)
+    assert np.array_equal(env.back, env.data)
+    await c.close()
+    assert leased(env.master) == set()
+
+
+async def test_callers_stopping_mid_pipeline_leave_nothing_behind(env):
+    c = env.client()
+    batches = [range(i, i + 2) for i in range(0, NUM, 2)]
+    puts = [asyncio.ensure_future(env.put(c, idx)) for idx in batches]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.002)
+    for task in puts:
+        task.cancel()
+    await asyncio.gather(*puts, return_exceptions=True)
+    await c.close()
+    # Every block was either put to its end (visible) or never started: none is left invisible, holding space.
+    assert all(b.is_visible for b in env.master._blocks.values())
+    # The operations ran to their ends although their callers were gone.
+    assert visible(env.master) == set(KEYS)
+    c = env.client()
+    gets = [asyncio.ensure_future(env.get(c, idx)) for idx in batches]
+    await asyncio.sleep(0.002)
+    for task in gets:
+        task.cancel()
+    await asyncio.gather(*gets, return_exceptions=True)
+    await c.close()
+    assert leased(env.master) == set()
+    with pytest.raises(RuntimeError):
+        await env.put(c, range(1))
+
+
+async def test_a_corrupt_replica_is_reported_and_dropped(env):
+    c = env.client()
+    await env.put(c, range(2))
+    await c.flush()
+    (gets,) = [(await env.raw_stub.BatchGet(pb.KeysRequest(keys=KEYS[1:2]))).gets]
+    await env.raw_stub.BatchRelease(pb.BatchReleaseRequest(releases=[
+        pb.ReleaseRequest(key=KEYS[1], lease_id=gets[0].lease_id)]))
+    offset = gets[0].replicas[0].offset
+    env.dram.view[offset] = (env.dram.view[offset] + 1) % 256
+    assert await env.get(c, range(2)) == [True, False]
+    assert visible(env.master) == {KEYS[0]}
+    # Unverified reads do not look.
+    await env.put(c, range(2, 3))
+    await c.flush()
+    assert await env.get(c, range(2, 3), verify=False) == [True]
+    await c.close()
+
+
+async def test_batch_put_end_with_only_done_and_unknown_entries(env):
+    c = env.client()
+    await env.put(c, range(1))
+    done = c._take_done()
+    # Unknown keys and leases in `done` are ignored, not errors.
+    done.put_end_keys.append(b"x" * 32)
+    done.releases.add(key=b"y" * 32, lease_id=7)
+    await env.raw_stub.BatchPutEnd(pb.KeysRequest(done=done))
+    assert visible(env.master) == {KEYS[0]}
+    await c.close()
