@@ -80,7 +80,9 @@ class PrefillService:
         self._active: dict[str, tuple[float, PrefillJob | None]] = {}
         # Their tasks (at most `prefill_max_active`), whose chunks share the device's forwards.
         self._tasks: set[asyncio.Task] = set()
-        self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens, settings.prefill_pack_tokens)
+        # NOTE: deadlines are on the gateway's wall clock (requests' arrival_time); hosts' clocks are assumed in sync.
+        self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens, settings.prefill_pack_tokens,
+                                     self._predict_s if costs is not None else None)
         self.transfer: TransferEngine | None = None
         # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
         # colocated worker's in-process cache: then the pool is not used).
@@ -108,6 +110,9 @@ class PrefillService:
     def num_running(self) -> int:
         """Requests being prefilled (their chunks share forwards)."""
         return len(self._active)
+
+    def _predict_s(self, num_new_tokens: int, num_reused_tokens: int) -> float:
+        return self.costs.model.prefill_s(num_new_tokens, num_reused_tokens)
 
     def queued_prefill_s(self) -> float:
         """Predicted seconds until this worker is idle: every queued prompt (as if nothing of it were cached)
@@ -231,7 +236,7 @@ class PrefillService:
             job = self.engine.start(request.prompt_token_ids, prefix, stream.send_layer if layerwise else None,
                                     lambda: rid in self.cancelled or (stream is not None and stream.has_failed))
             self._active[rid] = (self._active[rid][0], job)
-            await self.chunks.run(job)
+            await self.chunks.run(job, request.arrival_time + self.settings.ttft_slo_s)
             result, seconds = job.result, job.compute_s
             self._active.pop(rid, None)
             RUNNING.set(self.num_running)

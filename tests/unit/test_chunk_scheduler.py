@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tsukimi.prefill.chunk_scheduler import ChunkScheduler, plan
+from tsukimi.prefill.chunk_scheduler import ChunkScheduler, plan, urgency
 from tsukimi.prefill.engine import PrefillEngine, PrefillStopped
 
 
@@ -25,6 +25,23 @@ def test_plan_packs_short_prompts_and_runs_longer_ones_alone():
     assert plan([10, 20], 512, 0) == [(0, 10)]
     # No chunking: one whole prompt per forward.
     assert plan([3000, 10], 0, 64) == [(0, 3000)]
+    # Short prompts after a long one in the order still join a short first one.
+    assert plan([10, 500, 20, 60], 100, 64) == [(0, 10), (2, 20), (3, 60)]
+
+
+def test_urgency_least_slack_first_then_no_deadline_then_hopeless():
+    keys = {
+        "long, 0.5 s to spare": urgency(2000, 0, 0.5),
+        "short, 4 s to spare": urgency(10, 1, 4.0),
+        "short, 4 s to spare, later": urgency(10, 2, 4.0),
+        "no deadline, long": urgency(300, 3, None),
+        "no deadline, short": urgency(20, 4, None),
+        "late, long": urgency(900, 5, -1.0),
+        "late, short": urgency(50, 6, -3.0),
+    }
+    assert sorted(keys, key=keys.get) == [
+        "long, 0.5 s to spare", "short, 4 s to spare", "short, 4 s to spare, later", "no deadline, short",
+        "no deadline, long", "late, short", "late, long"]
 
 
 class FakeJob:
@@ -32,6 +49,7 @@ class FakeJob:
 
     def __init__(self, name, num_tokens, stop_at=None):
         self.name, self.num_remaining, self.stop_at = name, num_tokens, stop_at
+        self.num_prefix = self.num_computed = 0
 
     @property
     def is_done(self):
@@ -63,6 +81,18 @@ async def test_short_prompts_pass_a_long_one_and_share_a_forward():
     # The short ones pass the long one; the two shortest share a forward; c (over 40) runs alone.
     assert log == [[("long", 100)], [("b", 20), ("a", 30)], [("c", 60)], [("long", 100)], [("long", 100)]]
     assert scheduler.num_forwards == 5 and scheduler.num_chunks == 6 and scheduler.num_waiting == 0
+
+
+async def test_a_long_prompt_near_its_deadline_goes_before_short_ones_and_a_hopeless_one_goes_last():
+    log = []
+    now = [100.0]
+    scheduler = ChunkScheduler(fake_step(log), 100, 0, predict_s=lambda n, done: n * 0.01, clock=lambda: now[0])
+    # 300 tokens = 3 s of compute, due in 3.5 s; 50 tokens = 0.5 s due in 5 s; 400 tokens due in 2 s: hopeless.
+    jobs = [asyncio.create_task(scheduler.run(FakeJob(name, n), deadline))
+            for name, n, deadline in (("short", 50, 105.0), ("late", 400, 102.0), ("long", 300, 103.5))]
+    await asyncio.gather(*jobs)
+    assert log == [[("long", 100)], [("long", 100)], [("long", 100)], [("short", 50)],
+                   [("late", 100)], [("late", 100)], [("late", 100)], [("late", 100)]]
 
 
 async def test_a_stopped_job_raises_and_the_others_go_on():

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     # Conductor: early rejection (none, early: on the load now, predicted: on the decode load predicted for when
     # the request reaches decode).
     rejection: str = Field("predicted", pattern="^(none|early|predicted)$")
-    # SLOs the conductor rejects against (HTTP 429 when a request would miss them); set them to yours.
+    # SLOs: the conductor rejects what would miss them (HTTP 429), prefill runs the prompt with the least slack to
+    # its TTFT deadline first, decode grows its batch while the predicted step stays within the TBT; set them to yours.
     ttft_slo_s: float = Field(30.0, gt=0)
     tbt_slo_s: float = Field(1.0, gt=0)
     # Conductor: a remote cached prefix is worth fetching only when longer than the local one by this many blocks.
