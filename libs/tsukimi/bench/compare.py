@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from tsukimi.bench import transfer
+from tsukimi.bench import loopback, transfer
 from tsukimi.bench.memcpy import measure_memcpy
 from tsukimi.bench.mooncake import MooncakeUnavailable, run_mooncake_bench
 
@@ -30,7 +30,8 @@ def memcpy_in_blocks(block_size: int, total: int = 256 << 20, repeats: int = 5) 
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Rounds of: memcpy, then per op Mooncake tcp, tsukimi tcp, tsukimi shm. Returns medians and ratios."""
+    """Rounds of: memcpy, bare loopback TCP streaming (the ceiling of any TCP engine here), then per op Mooncake
+    tcp, tsukimi tcp, tsukimi shm. Returns medians and ratios."""
     samples: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         add("memcpy_1gib", measure_memcpy(1 << 30, repeats=3)["gb_per_s"])
         add("memcpy_blocks", memcpy_in_blocks(args.block_size))
+        add("loopback_tcp_stream", loopback.measure(args.connections, args.block_size, args.duration)["gb_per_s"])
         for op in ("write", "read"):
             if not mooncake_error:
                 try:
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> dict:
     for op in ("write", "read"):
         if f"mooncake_tcp_{op}" in medians:
             ratios[f"tcp_{op}_vs_mooncake_tcp"] = round(medians[f"tsukimi_tcp_{op}"] / medians[f"mooncake_tcp_{op}"], 2)
+        ratios[f"tcp_{op}_vs_loopback_tcp_stream"] = round(
+            medians[f"tsukimi_tcp_{op}"] / medians["loopback_tcp_stream"], 2)
         ratios[f"shm_{op}_vs_memcpy_1gib"] = round(medians[f"tsukimi_shm_{op}"] / medians["memcpy_1gib"], 2)
     return {
         "block_size": args.block_size, "batch_size": args.batch_size, "threads": args.threads,
