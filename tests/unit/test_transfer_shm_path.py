@@ -76,3 +76,34 @@ def test_shm_batches_small_and_large_blocks_misaligned():
     asyncio.run(_round_trip(256 << 10, 40, 16, 32))  # two jobs per batch of 32, one for the last 8 blocks
     asyncio.run(_round_trip(3 << 20, 4, 5, 3))  # requests cut into 1 MiB pieces
     asyncio.run(_round_trip(1000, 50, 0, 50))  # small copies, one job
+
+
+def test_stream_copy_is_built_and_exact_around_its_threshold_and_page_groups():
+    from tsukimi.transfer import _stream_copy
+
+    rng = np.random.default_rng(2)
+    src = rng.integers(0, 256, 1 << 21, dtype=np.uint8)
+    dst = np.zeros((1 << 21) + 128, dtype=np.uint8)
+    threshold = _stream_copy.STREAM_MIN_BYTES
+    # Below, at and above the threshold; 4-page groups (16 KiB) whole, plus or minus a tail; odd alignments.
+    for length in (threshold - 1, threshold, threshold + 1, 4 * 4096 * 9, 4 * 4096 * 9 + 4095, (1 << 21) - 77):
+        for s, d in ((0, 0), (0, 16), (5, 61), (64, 3)):
+            dst[:] = 0
+            _stream_copy.copy(dst[d:d + length], src[s:s + length])
+            assert np.array_equal(dst[d:d + length], src[s:s + length])
+            assert not dst[:d].any() and not dst[d + length:].any()
+
+
+def test_stream_copy_refuses_bad_buffers_and_moves_overlapping_ones():
+    import pytest
+
+    from tsukimi.transfer import _stream_copy
+
+    with pytest.raises(ValueError, match="destination has 10 bytes, source 11"):
+        _stream_copy.copy(bytearray(10), bytes(11))
+    with pytest.raises(TypeError):
+        _stream_copy.copy(bytes(10), bytes(10))  # read-only destination
+    data = np.arange(1 << 18, dtype=np.uint32).view(np.uint8)
+    expected = data[:len(data) - 4096].copy()
+    _stream_copy.copy(data[4096:], data[:len(data) - 4096])  # overlapping: a memmove
+    assert np.array_equal(data[4096:], expected)

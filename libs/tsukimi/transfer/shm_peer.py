@@ -11,6 +11,11 @@ from tsukimi.transfer.batch import Batch, Op
 from tsukimi.transfer.descriptor import BufferDescriptor
 from tsukimi.transfer.memory import SharedRegion
 
+try:
+    from tsukimi.transfer import _stream_copy
+except ImportError:  # NOTE: the C extension is optional (setup.py); numpy's copies are the fallback.
+    _stream_copy = None
+
 log = logging.getLogger(__name__)
 
 # A submission is split over several executor jobs only when each job gets at least this many bytes: below it,
@@ -29,16 +34,21 @@ Copy = tuple[int, Op, np.ndarray, int, int]
 def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[:] = src for equal-length uint8 arrays, at memory speed whatever their alignment.
 
-    PITFALL: `np.copyto` is a memmove, and glibc's memmove uses REP MOVSB from ~2 KiB up to a threshold (the L2
-    size on AMD), which on some CPUs runs several times slower when the destination is not aligned like the
-    source mod 64 (measured on an AMD EPYC: 256 KiB from shm, page-aligned, into a numpy array, which malloc puts
-    16 bytes past a page: 1.5-2.8 GB/s instead of 7). The uint8 `positive` ufunc is a plain SIMD loop that does
-    not care, and releases the GIL like `copyto`. Above ~1 MiB memmove switches to non-temporal stores, faster
-    than the ufunc when both cores copy: it keeps those.
+    Copies of at least `_stream_copy.STREAM_MIN_BYTES` (64 KiB) go through the C extension's streaming stores:
+    the other process reads the bytes, not this core, and glibc's memcpy would first read every destination line
+    into the cache (measured: 256 KiB copies 1.5-1.8x faster, see `_stream_copy.c`).
+    PITFALL (without the extension, and below that size): `np.copyto` is a memmove, and glibc's memmove uses REP
+    MOVSB from ~2 KiB up to a threshold (the L2 size on AMD), which on some CPUs runs several times slower when
+    the destination is not aligned like the source mod 64 (measured on an AMD EPYC: 256 KiB from shm,
+    page-aligned, into a numpy array, which malloc puts 16 bytes past a page: 1.5-2.8 GB/s instead of 7). The
+    uint8 `positive` ufunc is a plain SIMD loop that does not care, and releases the GIL like `copyto`. Above
+    ~1 MiB memmove switches to non-temporal stores, faster than the ufunc when both cores copy: it keeps those.
     """
     n = len(src)
-    if _MISALIGNED_MIN <= n < _MISALIGNED_MAX and (dst.__array_interface__["data"][0]
-                                                   - src.__array_interface__["data"][0]) % 64:
+    if _stream_copy is not None and n >= _stream_copy.STREAM_MIN_BYTES:
+        _stream_copy.copy(dst, src)
+    elif _MISALIGNED_MIN <= n < _MISALIGNED_MAX and (dst.__array_interface__["data"][0]
+                                                     - src.__array_interface__["data"][0]) % 64:
         np.positive(src, out=dst)
     else:
         np.copyto(dst, src)

@@ -1,0 +1,112 @@
+/* Large copies with non-temporal (streaming) stores, for the transfer engine's shm path.
+ *
+ * A copy of a block into another process's shared memory (or out of it into a worker's buffer) is not read
+ * back by the copying core soon. glibc's memcpy streams only above a threshold derived from the shared
+ * cache size, which on VMs that report a large L3 is far above a KV block: below it every destination line is
+ * first read into the cache (read-for-ownership), so each byte crosses the memory bus three times instead of
+ * two. Streaming stores skip that read; measured on this project's 2-core VMs, 256 KiB copies ran 1.5-2x
+ * faster. Small copies (below STREAM_MIN_BYTES) keep memcpy: their destination is likely used from cache.
+ *
+ * copy(dst, src): dst a writable buffer, src a readable buffer of the same length; the GIL is released.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#define HAVE_STREAMING_STORES 1
+#else
+#define HAVE_STREAMING_STORES 0
+#endif
+
+#define STREAM_MIN_BYTES (64 * 1024)
+#define PAGE 4096
+
+static void stream_copy(char *dst, const char *src, size_t n)
+{
+#if HAVE_STREAMING_STORES
+    if (n >= STREAM_MIN_BYTES) {
+        size_t head = (64 - ((uintptr_t)dst & 63)) & 63;
+        memcpy(dst, src, head);
+        dst += head;
+        src += head;
+        n -= head;
+        /* Four pages at a time, a cache line from each in turn (as glibc's large memcpy does): four streams
+         * for the prefetchers instead of one. */
+        size_t body = n & ~(size_t)(4 * PAGE - 1);
+        for (size_t base = 0; base < body; base += 4 * PAGE) {
+            for (size_t off = 0; off < PAGE; off += 64) {
+                for (size_t p = 0; p < 4; p++) {
+                    const char *from = src + base + p * PAGE + off;
+                    char *to = dst + base + p * PAGE + off;
+                    _mm_prefetch(from + 128, _MM_HINT_T0);
+                    __m128i a = _mm_loadu_si128((const __m128i *)from);
+                    __m128i b = _mm_loadu_si128((const __m128i *)(from + 16));
+                    __m128i c = _mm_loadu_si128((const __m128i *)(from + 32));
+                    __m128i d = _mm_loadu_si128((const __m128i *)(from + 48));
+                    _mm_stream_si128((__m128i *)to, a);
+                    _mm_stream_si128((__m128i *)(to + 16), b);
+                    _mm_stream_si128((__m128i *)(to + 32), c);
+                    _mm_stream_si128((__m128i *)(to + 48), d);
+                }
+            }
+        }
+        /* NOTE: streaming stores are weakly ordered; the fence makes them visible before whatever the caller
+         * does next (telling another process the bytes are there). */
+        _mm_sfence();
+        dst += body;
+        src += body;
+        n -= body;
+    }
+#endif
+    memcpy(dst, src, n);
+}
+
+static PyObject *copy(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src;
+    if (!PyArg_ParseTuple(args, "w*y*:copy", &dst, &src))
+        return NULL;
+    PyObject *result = NULL;
+    if (dst.len != src.len) {
+        PyErr_Format(PyExc_ValueError, "copy: destination has %zd bytes, source %zd", dst.len, src.len);
+    } else if (!PyBuffer_IsContiguous(&dst, 'C') || !PyBuffer_IsContiguous(&src, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "copy: buffers must be contiguous");
+    } else {
+        char *d = dst.buf;
+        const char *s = src.buf;
+        size_t n = (size_t)dst.len;
+        int overlap = d < s + n && s < d + n;
+        Py_BEGIN_ALLOW_THREADS
+        if (overlap)
+            memmove(d, s, n);
+        else
+            stream_copy(d, s, n);
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"copy", copy, METH_VARARGS, "copy(dst, src): dst[:] = src with streaming stores for large copies."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_stream_copy", "Large copies with non-temporal stores.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__stream_copy(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL)
+        PyModule_AddIntConstant(m, "STREAM_MIN_BYTES", STREAM_MIN_BYTES);
+    return m;
+}
