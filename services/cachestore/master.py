@@ -351,8 +351,10 @@ class PoolMaster:
 
     def _dram_candidates(self, exclude: tuple[str, ...]) -> list[str]:
         """Instances with a DRAM tier, most free bytes first."""
-        return sorted((iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude),
-                      key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
+        candidates = [iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude]
+        if len(candidates) > 1:
+            candidates.sort(key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
+        return candidates
 
     def _record(self, block: Block, replica: Replica, is_stored: bool, source: Replica | None = None) -> None:
         if block.is_visible:

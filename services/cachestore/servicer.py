@@ -253,6 +253,24 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                 self._fill(out.replicas, result)
         return reply
 
+    # ---- sessions ----------------------------------------------------------------------------------------
+
+    async def Session(self, request_iterator, context):
+        """The batch calls as messages of one stream, each answered in order by the unary call's own handler
+        (timed under its name; a refusal aborts the stream with that call's status)."""
+        async for request in request_iterator:
+            op = request.WhichOneof("op")
+            if op == "put_start":
+                yield pb.SessionReply(id=request.id, put_start=await self.BatchPutStart(request.put_start, context))
+            elif op == "get":
+                yield pb.SessionReply(id=request.id, get=await self.BatchGet(request.get, context))
+            elif op == "put_end":
+                yield pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context))
+            elif op == "put_revoke":
+                yield pb.SessionReply(id=request.id, empty=await self.BatchPutRevoke(request.put_revoke, context))
+            else:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session request {request.id} has no operation")
+
     # ---- stats -------------------------------------------------------------------------------------------
 
     @_timed

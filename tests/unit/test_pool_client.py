@@ -15,6 +15,7 @@ from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.common.checksum import block_checksum
 from tsukimi.common.pool_client import PoolClient
+from tsukimi.common.pool_session import PoolSession
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine
@@ -45,8 +46,8 @@ class CountingStub:
         return call
 
 
-@pytest.fixture
-async def env():
+@pytest.fixture(params=["unary", "session"])
+async def env(request):
     metadata = MemoryMetadataStore()
     store_engine = await TransferEngine("pool", b"s", metadata, transports=("shm",)).start()
     dram = store_engine.allocate(4 * NUM * BLOCK)
@@ -55,7 +56,8 @@ async def env():
     pool = Pool(master)
     await pool.join("a", Instance(LocalMember(store_engine, dram, None), "pool", dram.buffer_id), dram.length, 0)
     server = grpc.aio.server()
-    pb_grpc.add_CacheStoreServicer_to_server(CacheStoreServicer(pool), server)
+    servicer = CacheStoreServicer(pool)
+    pb_grpc.add_CacheStoreServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -63,14 +65,17 @@ async def env():
     data = np.random.default_rng(1).integers(0, 256, NUM * BLOCK, dtype=np.uint8)
     back = np.zeros_like(data)
     src, dst = engine.register(data, read_only=True), engine.register(back)
-    stub = CountingStub(pb_grpc.CacheStoreStub(channel))
+    raw_stub = pb_grpc.CacheStoreStub(channel)
+    # Every test runs with the batch calls as unary calls and as messages of a session.
+    session = PoolSession(raw_stub) if request.param == "session" else None
+    stub = CountingStub(session or raw_stub)
     sums = [block_checksum(data[i * BLOCK:(i + 1) * BLOCK]) for i in range(NUM)]
 
     class Env:
         pass
 
     e = Env()
-    e.master, e.dram, e.stub, e.raw_stub, e.engine = master, dram, stub, pb_grpc.CacheStoreStub(channel), engine
+    e.master, e.dram, e.stub, e.raw_stub, e.engine = master, dram, stub, raw_stub, engine
     e.data, e.back, e.src, e.dst, e.sums = data, back, src, dst, sums
 
     def client(linger_s: float = 60.0) -> PoolClient:
@@ -85,7 +90,10 @@ async def env():
                                 verify=verify)
 
     e.client, e.put, e.get = client, put, get
+    e.servicer, e.pool, e.session, e.server = servicer, pool, session, server
     yield e
+    if session is not None:
+        await session.close()
     await channel.close()
     await server.stop(None)
     await engine.close()
@@ -224,3 +232,70 @@ async def test_batch_put_end_with_only_done_and_unknown_entries(env):
     await env.raw_stub.BatchPutEnd(pb.KeysRequest(done=done))
     assert visible(env.master) == {KEYS[0]}
     await c.close()
+
+
+session_only = pytest.mark.parametrize("env", ["session"], indirect=True)
+
+
+@session_only
+async def test_session_refusal_fails_that_operation_and_the_next_opens_a_new_stream(env):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.session.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(key=b"k", size=0)]), 2.0)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "positive size" in refused.value.details() and env.session.num_waiting == 0
+    c = env.client()
+    assert await env.put(c, range(2)) == [True, True]
+    await c.flush()
+    assert visible(env.master) == set(KEYS[:2])
+    await c.close()
+
+
+@session_only
+async def test_session_timeout_drops_the_late_answer_and_goes_on(env):
+    c = env.client()
+    async with env.pool._lock:  # the master is busy: the get cannot be answered yet
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 0.05)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and env.session.num_waiting == 0
+    # The stream still works; the late answer (a miss) went nowhere.
+    assert await env.put(c, range(1)) == [True]
+    await c.flush()
+    assert await env.get(c, range(1)) == [True]
+    await c.close()
+
+
+@session_only
+async def test_session_to_an_instance_that_is_no_longer_master_fails_unavailable(env):
+    env.servicer.use(None, master_hint="b")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 2.0)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "ask b" in refused.value.details()
+    env.servicer.use(env.pool)
+    got = await env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 2.0)
+    assert [g.found for g in got.gets] == [False]
+
+
+@session_only
+async def test_session_closed_with_operations_waiting_fails_them_and_refuses_more(env):
+    async with env.pool._lock:
+        waiting = [asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0))
+                   for _ in range(3)]
+        await asyncio.sleep(0.05)
+        assert env.session.num_waiting == 3
+        await env.session.close()
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
+    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.CANCELLED for r in results)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 1.0)
+
+
+@session_only
+async def test_session_operations_waiting_when_the_server_stops_fail_in_time(env):
+    async with env.pool._lock:
+        waiting = [asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0))
+                   for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await env.server.stop(None)
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
+    assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
+    assert env.session.num_waiting == 0

@@ -1,7 +1,8 @@
 """`tsukimi bench cachestore`: put and get throughput of the KV cache pool (metadata over gRPC, bytes through
 the transfer engine) through `PoolClient`, against a cachestore process it starts. Output keys match
 `bench/mooncake_store.py`. `--inflight N` keeps up to N batches under way at once (pipelining: the next batch's
-metadata call overlaps this batch's copies); the default, 1, runs the batches one after the other."""
+metadata call overlaps this batch's copies); the default, 1, runs the batches one after the other. The batch calls
+go as messages of one `CacheStore.Session` stream (`PoolSession`); `--unary` makes each a call of its own."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 from tsukimi.common.checksum import block_checksum
 from tsukimi.common.natsserver import NatsServer, free_port
 from tsukimi.common.pool_client import PoolClient
+from tsukimi.common.pool_session import PoolSession
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine
@@ -36,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inflight", type=int, default=1,
                         help="batches under way at once (pipelining; 1: each batch waits for the one before)")
     parser.add_argument("--transport", choices=("shm", "tcp"), default="shm")
+    parser.add_argument("--unary", action="store_true",
+                        help="each batch call a unary gRPC call (default: messages of one session stream)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -78,7 +82,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     def keys_of(gen: int) -> list[bytes]:
         return [gen.to_bytes(4, "big") + i.to_bytes(28, "big") for i in range(args.num_blocks)]
 
-    client = PoolClient(stub, engine, rpc_timeout_s=10.0)
+    session = None if args.unary else PoolSession(stub)
+    client = PoolClient(session or stub, engine, rpc_timeout_s=10.0)
     sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
 
     async def in_flight(run_batch) -> None:
@@ -143,6 +148,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     elapsed = time.monotonic() - started
     results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
     await client.close()
+    if session is not None:
+        await session.close()
     stats = await stub.Stats(pb.Empty())
     assert stats.num_blocks == args.num_blocks, f"{stats.num_blocks} blocks in the pool after the rounds, not {args.num_blocks}"
     await channel.close()
@@ -150,7 +157,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     await nc.close()
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
-                 batch=args.batch, batch_size=group, inflight=args.inflight, ops_per_s=round(r["ops_per_s"], 1),
+                 batch=args.batch, batch_size=group, inflight=args.inflight,
+                 calls="unary" if args.unary else "session", ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:
             r["remove_s"] = round(r["remove_s"], 3)

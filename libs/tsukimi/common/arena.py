@@ -20,10 +20,8 @@ class ArenaAllocator:
         self._starts: list[int] = [0]
         self._sizes: dict[int, int] = {0: capacity}
         self._used: dict[int, int] = {}
-
-    @property
-    def num_free_bytes(self) -> int:
-        return sum(self._sizes.values())
+        # Bytes in free ranges (kept, not summed: the pool master asks per put).
+        self.num_free_bytes = capacity
 
     @property
     def num_allocations(self) -> int:
@@ -62,7 +60,8 @@ class ArenaAllocator:
     def _add_free(self, start: int, size: int) -> None:
         bisect.insort(self._starts, start)
         self._sizes[start] = size
+        self.num_free_bytes += size
 
     def _remove_free(self, start: int) -> None:
-        self._starts.remove(start)
-        del self._sizes[start]
+        del self._starts[bisect.bisect_left(self._starts, start)]
+        self.num_free_bytes -= self._sizes.pop(start)

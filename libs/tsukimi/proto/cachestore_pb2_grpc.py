@@ -129,6 +129,11 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/tsukimi.cachestore.v1.CacheStore/Session',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -248,6 +253,14 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """Batch operations as messages of one stream; an operation the unary call would refuse ends the stream with
+        that call's status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -345,6 +358,11 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.BatchChangeReplicas,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -860,6 +878,33 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/BatchChangeReplicas',
             tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/Session',
+            tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,132 @@
+"""The pool master's batch calls over one long-lived stream (`CacheStore.Session`), with the stub's signatures.
+
+A unary gRPC call costs a new HTTP/2 stream, a call object and metadata on both sides; a message on an open
+stream costs a fraction of that (measured on the project's 2-core VMs: ~0.13 ms round trip against ~0.45 ms).
+`PoolSession` stands in for the stub where `PoolClient` (or anyone) makes many batch calls: BatchPutStart,
+BatchPutEnd, BatchPutRevoke and BatchGet become session messages, answered in order and matched by id; every
+other method goes to the stub unchanged.
+
+Failures look like the calls' own: an operation the master refuses ends the stream with that call's status
+(every operation waiting on it gets that `grpc.aio.AioRpcError`), a lost connection or master gives UNAVAILABLE,
+and an operation with no answer within its timeout gives DEADLINE_EXCEEDED (its late answer is dropped). The
+next operation after a failure opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import grpc
+
+from tsukimi.proto import cachestore_pb2 as pb
+from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+class PoolSession:
+    """Batch calls as messages of one `CacheStore.Session` stream; safe to use from many tasks at once."""
+
+    def __init__(self, stub: pb_grpc.CacheStoreStub):
+        self.stub = stub
+        self._ids = itertools.count(1)
+        self._call = None
+        self._reader: asyncio.Task | None = None
+        # Request id -> future of its reply, for the operations sent and not answered yet.
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._write_lock = asyncio.Lock()
+        self._closed = False
+
+    # ---- the stub's batch calls ----------------------------------------------------------------------------
+
+    async def BatchPutStart(self, request: pb.BatchPutStartRequest, timeout: float | None = None):
+        return (await self._send(pb.SessionRequest(put_start=request), timeout)).put_start
+
+    async def BatchPutEnd(self, request: pb.KeysRequest, timeout: float | None = None):
+        return (await self._send(pb.SessionRequest(put_end=request), timeout)).empty
+
+    async def BatchPutRevoke(self, request: pb.KeysRequest, timeout: float | None = None):
+        return (await self._send(pb.SessionRequest(put_revoke=request), timeout)).empty
+
+    async def BatchGet(self, request: pb.KeysRequest, timeout: float | None = None):
+        return (await self._send(pb.SessionRequest(get=request), timeout)).get
+
+    def __getattr__(self, name: str):
+        # NOTE: only for attributes not defined here: the stub's other calls, unchanged.
+        return getattr(self.stub, name)
+
+    @property
+    def num_waiting(self) -> int:
+        """Operations sent and not answered yet."""
+        return len(self._waiting)
+
+    async def close(self) -> None:
+        """Ends the stream; operations still waiting fail with CANCELLED."""
+        self._closed = True
+        call, reader = self._call, self._reader
+        self._call = self._reader = None
+        if call is not None:
+            call.cancel()
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        self._fail_waiting(_error(grpc.StatusCode.CANCELLED, "pool session closed"))
+
+    # ---- the stream --------------------------------------------------------------------------------------
+
+    async def _send(self, request: pb.SessionRequest, timeout: float | None) -> pb.SessionReply:
+        if self._closed:
+            raise _error(grpc.StatusCode.CANCELLED, "pool session closed")
+        request.id = next(self._ids)
+        answer = asyncio.get_running_loop().create_future()
+        self._waiting[request.id] = answer
+        try:
+            async with self._write_lock:
+                call = self._open()
+                try:
+                    await call.write(request)
+                except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                    # NOTE: the stream ended under us; the reader fails every waiting operation with its status.
+                    log.debug("pool session write failed: %s", exc)
+            return await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except asyncio.TimeoutError:
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"no answer from the pool master within {timeout}s") from None
+        finally:
+            self._waiting.pop(request.id, None)
+
+    def _open(self):
+        if self._call is None:
+            self._call = self.stub.Session()
+            self._reader = asyncio.ensure_future(self._read(self._call))
+        return self._call
+
+    async def _read(self, call) -> None:
+        error = _error(grpc.StatusCode.UNAVAILABLE, "the pool master ended the session")
+        try:
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    break
+                answer = self._waiting.get(reply.id)
+                if answer is not None and not answer.done():
+                    answer.set_result(reply)
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            error = _error(grpc.StatusCode.CANCELLED, "pool session closed")
+        finally:
+            if self._call is call:
+                self._call = self._reader = None
+            self._fail_waiting(error)
+
+    def _fail_waiting(self, error: grpc.aio.AioRpcError) -> None:
+        for answer in self._waiting.values():
+            if not answer.done():
+                answer.set_exception(error)
