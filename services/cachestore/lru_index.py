@@ -47,6 +47,11 @@ class LruBlockIndex:
             n += 1
         return n
 
+    def touch(self, key: Hashable) -> None:
+        """Makes a present block the most recently used (an absent one is ignored)."""
+        if key in self._sizes:
+            self._sizes.move_to_end(key)
+
     def num_leading(self, keys: Sequence[Hashable]) -> int:
         """How many leading `keys` are present, leaving the LRU order alone: a peek (placement asks every
         instance, and only the chosen one reads)."""

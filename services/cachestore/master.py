@@ -26,6 +26,13 @@ from tsukimi.common.arena import ArenaAllocator, ArenaFull
 TIERS = ("dram", "ssd")
 
 
+def _dram_first(replicas: list[Replica]) -> list[Replica]:
+    """A copy of `replicas`, DRAM ones first (most blocks have one replica: no sort)."""
+    if len(replicas) == 1:
+        return list(replicas)
+    return sorted(replicas, key=lambda r: TIERS.index(r.tier))
+
+
 class PoolError(Exception):
     """A request the pool cannot satisfy (unknown block, no room, leased, ...)."""
 
@@ -162,7 +169,12 @@ class PoolMaster:
     def replicas(self, key: bytes) -> list[Replica]:
         """Replicas of a block (DRAM first); [] when unknown."""
         block = self._blocks.get(key)
-        return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)) if block else []
+        return _dram_first(block.replicas) if block else []
+
+    def size(self, key: bytes) -> int:
+        """Bytes of a block; 0 when unknown."""
+        block = self._blocks.get(key)
+        return block.size if block else 0
 
     def has_replica(self, key: bytes, replica: Replica) -> bool:
         block = self._blocks.get(key)
@@ -256,16 +268,18 @@ class PoolMaster:
         if block is None or not block.is_visible:
             return None
         lease = next(self._lease_ids)
-        if not block.leases:
-            for replica in block.replicas:
-                self._tiers[(replica.instance_id, replica.tier)].lru.pin(key)
+        is_first_lease = not block.leases
+        for replica in block.replicas:
+            lru = self._tiers[(replica.instance_id, replica.tier)].lru
+            if is_first_lease:
+                lru.pin(key)
+            lru.touch(key)
         until = self._clock() + self.lease_s
         block.leases[lease] = until
         self._leased[key] = block
-        self._next_expiry = min(self._next_expiry, until)
-        for replica in block.replicas:
-            self._tiers[(replica.instance_id, replica.tier)].lru.match_prefix([key])
-        return sorted(block.replicas, key=lambda r: TIERS.index(r.tier)), lease
+        if until < self._next_expiry:
+            self._next_expiry = until
+        return _dram_first(block.replicas), lease
 
     def release(self, key: bytes, lease: int) -> None:
         """Ends a lease early."""

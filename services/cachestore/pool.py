@@ -126,8 +126,7 @@ class Pool:
             for key in keys:
                 try:
                     self.master.put_end(key)
-                    replicas = self.master.replicas(key)
-                    sizes.append(replicas[0].size if replicas else 0)
+                    sizes.append(self.master.size(key))
                 except PoolError:
                     sizes.append(0)
             await self._settle()
@@ -150,11 +149,14 @@ class Pool:
         async with self._lock:
             results = []
             for key in keys:
-                if self.master.exists(key) and not any(r.tier == "dram" for r in self.master.replicas(key)):
-                    # NOTE: leased right after its promotion, so the next key's promotion cannot evict it.
+                found = self.master.get(key)
+                if found is not None and found[0][0].tier != "dram":
+                    # SSD only: promoted, then leased again right after, so the next key's promotion cannot
+                    # evict it.
+                    self.master.release(key, found[1])
                     self.master.promote(key)
                     await self._settle()
-                found = self.master.get(key)
+                    found = self.master.get(key)
                 drams = [r for r in found[0] if r.tier == "dram"] if found else []
                 if found and not drams:
                     self.master.release(key, found[1])

@@ -51,3 +51,13 @@ def test_num_leading_peeks_without_touching_lru_order():
     # Unlike match_prefix, the peek left "a" the oldest: it is evicted first.
     assert idx.insert("e", 1) == ["a"]
     assert idx.match_prefix(["b"]) == 1 and idx.insert("f", 1) == ["c"]
+
+
+def test_touch_makes_one_block_the_newest_and_ignores_absent_ones():
+    idx = LruBlockIndex(capacity=3, high_watermark=1.0, evict_share=1 / 3)
+    for key in "abc":
+        idx.insert(key, 1)
+    idx.touch("a")
+    idx.touch("z")
+    assert "z" not in idx and len(idx) == 3
+    assert idx.insert("d", 1) == ["b"]

@@ -191,3 +191,19 @@ def test_promote_with_a_tiny_ssd_never_evicts_its_source_and_a_cascade_may_drop_
     assert changes(m) == [(K[0], "a", "dram", True, "ssd"), (K[1], "a", "dram", False, None),
                           (K[1], "a", "ssd", True, "dram"), (K[1], "a", "ssd", False, None)]
     assert m.exists(K[0]) and not m.exists(K[1])
+
+
+def test_size_and_replicas_dram_first_after_a_promotion():
+    m = PoolMaster(high_watermark=0.9, evict_share=0.4)
+    m.add_instance("a", dram_bytes=256, ssd_bytes=4096)
+    put(m, K[0], 128)
+    put(m, K[1], 128)  # K0 demoted to SSD
+    assert m.size(K[0]) == 128 and m.size(K[9]) == 0
+    assert [r.tier for r in m.replicas(K[0])] == ["ssd"]
+    m.remove(K[1])
+    assert m.promote(K[0]).tier == "dram"
+    # The DRAM replica was added after the SSD one; readers still get it first.
+    assert [r.tier for r in m.replicas(K[0])] == ["dram", "ssd"]
+    replicas, lease = m.get(K[0])
+    assert [r.tier for r in replicas] == ["dram", "ssd"]
+    m.release(K[0], lease)
