@@ -5,6 +5,8 @@ engine between workers and the instances that contribute memory. Follows Mooncak
 - a put is two-phase: `put_start` allocates replicas (the block is invisible, and cannot be evicted, while it is
   written), `put_end` makes it visible, `put_revoke` frees the space;
 - a `get` takes a lease (default 10 s) that blocks eviction and removal until released or expired;
+- a put not ended within `put_timeout_s` (default 60 s: its writer died or hung) is revoked, so its space and its
+  key come back;
 - each instance's tier keeps its blocks in LRU order; past the high watermark the oldest unleased blocks are
   evicted, moving to the instance's SSD tier when it has one (the caller copies the bytes), else dropped;
 - an instance that goes away takes its replicas with it.
@@ -93,8 +95,9 @@ class PoolMaster:
     """Metadata of the whole pool."""
 
     def __init__(self, lease_s: float = 10.0, high_watermark: float = 0.9, evict_share: float = 0.05,
-                 clock=time.monotonic):
+                 clock=time.monotonic, put_timeout_s: float = 60.0):
         self.lease_s = lease_s
+        self.put_timeout_s = put_timeout_s
         self._high_watermark = high_watermark
         self._evict_share = evict_share
         self._clock = clock
@@ -105,7 +108,10 @@ class PoolMaster:
         self._lease_ids = itertools.count(1)
         self._changes: list[Change] = []
         self.num_evictions = 0
-        # Earliest lease deadline that may not have been expired yet.
+        # Puts started and not ended -> when they are revoked if still not ended.
+        self._writing: dict[bytes, float] = {}
+        self.num_expired_puts = 0
+        # Earliest lease or put deadline that may not have been expired yet.
         self._next_expiry = float("inf")
 
     # ---- instances ---------------------------------------------------------------------------------------
@@ -147,6 +153,7 @@ class PoolMaster:
             if not block.replicas:
                 del self._blocks[key]
                 self._leased.pop(key, None)
+                self._writing.pop(key, None)
                 lost.append(key)
         return lost
 
@@ -236,14 +243,21 @@ class PoolMaster:
         if not replicas:
             raise PoolError(f"no instance has {size} bytes of DRAM free")
         self._blocks[key] = Block(key, size, checksum, replicas)
+        until = self._clock() + self.put_timeout_s
+        self._writing[key] = until
+        if until < self._next_expiry:
+            self._next_expiry = until
         return replicas, evictions
 
     def put_end(self, key: bytes) -> list[Eviction]:
-        """The block's bytes are written: it becomes visible. Returns the evictions this caused."""
+        """The block's bytes are written: it becomes visible. Returns the evictions this caused. Raises
+        PoolError for a put revoked meanwhile (by its writer, or for its timeout)."""
+        self._expire()
         block = self._require(key)
         if block.is_visible:
             return []
         block.is_visible = True
+        self._writing.pop(key, None)
         evictions = []
         for replica in list(block.replicas):
             self._record(block, replica, is_stored=True)
@@ -258,6 +272,7 @@ class PoolMaster:
         for replica in block.replicas:
             self._tiers[(replica.instance_id, replica.tier)].allocator.free(replica.offset)
         del self._blocks[key]
+        self._writing.pop(key, None)
 
     # ---- reads -------------------------------------------------------------------------------------------
 
@@ -396,6 +411,7 @@ class PoolMaster:
         if not block.replicas:
             del self._blocks[block.key]
             self._leased.pop(block.key, None)
+            self._writing.pop(block.key, None)
 
     def _allocate(self, iid: str, tier_name: str, size: int, evictions: list[Eviction] | None = None
                   ) -> int | None:
@@ -455,8 +471,12 @@ class PoolMaster:
         now = self._clock()
         if now < self._next_expiry:
             return  # NOTE: called on every operation; nothing can have expired before the earliest deadline.
-        self._next_expiry = min((u for b in self._leased.values() for u in b.leases.values() if u > now),
-                                default=float("inf"))
+        self._next_expiry = min(min((u for b in self._leased.values() for u in b.leases.values() if u > now),
+                                    default=float("inf")),
+                                min((u for u in self._writing.values() if u > now), default=float("inf")))
+        for key in [k for k, until in self._writing.items() if until <= now]:
+            self.put_revoke(key)
+            self.num_expired_puts += 1
         for key, block in list(self._leased.items()):
             for lease in [lid for lid, until in block.leases.items() if until <= now]:
                 del block.leases[lease]

@@ -154,7 +154,7 @@ class Mastership:
             self.servicer.master_hint = ""
 
     async def _become(self) -> None:
-        master = PoolMaster()
+        master = PoolMaster(put_timeout_s=self.settings.cache_put_timeout_s)
         pool = Pool(master, publish=self._events.put_nowait)
         dram = self.local.dram
         ssd_bytes = self.local.ssd.capacity_bytes if self.local.ssd else 0

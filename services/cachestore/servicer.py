@@ -43,6 +43,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         # Instance id of the master when it is not us (for the refusal message).
         self.master_hint = ""
         self._num_evictions = 0
+        self._num_expired_puts = 0
 
     def _fill(self, out, replicas: list[Replica]) -> None:
         """Appends replicas to a repeated field in place (no intermediate messages)."""
@@ -59,6 +60,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         master = self.pool.master
         metrics.EVICTIONS.inc(master.num_evictions - self._num_evictions)
         self._num_evictions = master.num_evictions
+        metrics.PUTS.labels("expired").inc(master.num_expired_puts - self._num_expired_puts)
+        self._num_expired_puts = master.num_expired_puts
         for iid, tier, capacity, used, num_blocks in master.tier_usage():
             metrics.TIER_CAPACITY.labels(iid, tier).set(capacity)
             metrics.TIER_USED.labels(iid, tier).set(used)
@@ -66,7 +69,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     def use(self, pool: Pool | None, master_hint: str = "") -> None:
         """Starts (a new pool) or stops (None) answering as the master."""
-        self.pool, self.master_hint, self._num_evictions = pool, master_hint, 0
+        self.pool, self.master_hint, self._num_evictions, self._num_expired_puts = pool, master_hint, 0, 0
 
     async def _done(self, request) -> None:
         """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),

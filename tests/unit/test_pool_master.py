@@ -207,3 +207,34 @@ def test_size_and_replicas_dram_first_after_a_promotion():
     replicas, lease = m.get(K[0])
     assert [r.tier for r in replicas] == ["dram", "ssd"]
     m.release(K[0], lease)
+
+
+def test_a_put_never_ended_is_revoked_after_its_timeout_and_its_space_and_key_come_back():
+    clock = Clock()
+    m = PoolMaster(clock=clock, put_timeout_s=30.0)
+    m.add_instance("a", dram_bytes=256)
+    assert m.put_start(K[0], 128, "crc")[0] == [Replica("a", "dram", 0, 128)]  # its writer dies here
+    put(m, K[1], 100)
+    clock.now = 29.0
+    assert m.put_start(K[0], 128, "crc") == ([], [])  # still being written
+    assert m.num_expired_puts == 0
+    clock.now = 30.5
+    # The next operation revokes it: the key can be put again, into the space it held.
+    assert m.put_start(K[0], 128, "crc")[0] == [Replica("a", "dram", 0, 128)]
+    assert m.num_expired_puts == 1
+    m.put_end(K[0])
+    assert m.exists(K[0]) and m.exists(K[1])
+    # Ended puts are never revoked, however long after.
+    clock.now = 1000.0
+    assert m.exists(K[0]) and m.exists(K[1]) and m.num_expired_puts == 1
+
+
+def test_a_late_put_end_after_the_revocation_is_refused():
+    clock = Clock()
+    m = PoolMaster(clock=clock, put_timeout_s=5.0)
+    m.add_instance("a", dram_bytes=256)
+    m.put_start(K[0], 64, "crc")
+    clock.now = 6.0
+    with pytest.raises(PoolError, match="unknown block"):
+        m.put_end(K[0])
+    assert m.tier_usage() == [("a", "dram", 256, 0, 0)]

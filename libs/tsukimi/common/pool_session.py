@@ -88,6 +88,10 @@ class PoolSession:
         self._waiting[request.id] = answer
         try:
             async with self._write_lock:
+                if answer.done():
+                    # NOTE: failed with the stream it was meant for while waiting to write; sending it on a new one
+                    # would have the master act on an operation whose caller has been told it failed.
+                    return answer.result()
                 call = self._open()
                 try:
                     await call.write(request)

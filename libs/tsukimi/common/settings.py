@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # Whether this cachestore may be the pool's master: "auto" (elected: the first one up holds it, another
     # takes over when it dies), "never" (only contributes memory).
     cache_master: str = Field("auto", pattern="^(auto|never)$")
+    # Seconds a put may stay started and not ended before the master revokes it (its writer died or hung), freeing
+    # its space and key; longer than a KV transfer may take.
+    cache_put_timeout_s: float = Field(60.0, gt=0)
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
     # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake; colocated: the

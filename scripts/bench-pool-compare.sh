@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issue 4's side-by-side run: Mooncake Store (its master and MooncakeDistributedStore, tcp protocol, buffer API)
+# and tsukimi's pool (`tsukimi bench cachestore`: unary calls, a session, a session with 2 batches in flight),
+# interleaved round by round on this machine, batches of 32 blocks. Prints one line per system and round (GB/s).
+#
+#   scripts/bench-pool-compare.sh [ROUNDS] [BLOCK_BYTES]     # defaults: 3 rounds, 262144
+#
+# Needs Mooncake's wheel: PYTHON=.venv/bin/python bash scripts/install-mooncake-bench.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}
+BLOCK=${2:-262144}
+PY=${PYTHON:-.venv/bin/python}
+TSUKIMI=${TSUKIMI:-.venv/bin/tsukimi}
+summary='import json, sys
+print(" ".join("%s %.3f" % (d["op"], d["gb_per_s"]) for d in map(json.loads, sys.stdin) if "gb_per_s" in d))'
+for round in $(seq "$ROUNDS"); do
+  echo -n "round $round mooncake-store: "
+  "$PY" -m tsukimi.bench.mooncake_store --block-size "$BLOCK" --num-blocks 256 --batch --api buffer --duration 3 \
+    --json 2>/dev/null | "$PY" -c "$summary"
+  for mode in "--unary" "" "--inflight 2"; do
+    echo -n "round $round tsukimi ${mode:-session}: "
+    # shellcheck disable=SC2086
+    "$TSUKIMI" bench cachestore --batch --block-size "$BLOCK" --duration 3 $mode --json 2>/dev/null | "$PY" -c "$summary"
+  done
+done
