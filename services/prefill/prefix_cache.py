@@ -47,6 +47,9 @@ class PrefixCache:
         if address == self._address:
             return
         self._address = address
+        if self._channel is not None:
+            # NOTE: calls under way on the old channel end with it (as failed lookups or stores).
+            self._spawn(self._channel.close())
         self._channel = grpc.aio.insecure_channel(address) if address else None
         self._stub = pb_grpc.CacheStoreStub(self._channel) if address else None
 

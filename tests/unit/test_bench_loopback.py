@@ -1,4 +1,4 @@
-"""The loopback ceiling measurement streams real bytes between two processes."""
+"""Loopback ceiling: real bytes between two processes; block-copy bench: both copiers copy the right bytes."""
 
 from tsukimi.bench import loopback
 
@@ -17,3 +17,10 @@ def test_an_odd_block_size_wraps_the_span_without_losing_bytes():
     result = loopback.measure(connections=1, block_size=(3 << 20) + 1, duration_s=0.3)
     # More than one pass over the span, so the short piece at its end was received and counted.
     assert result["num_bytes"] > 2 * loopback.SPAN_BYTES
+
+
+def test_block_copy_bench_copies_the_right_bytes_with_both_copiers():
+    from tsukimi.bench import block_copy
+
+    for copier in block_copy.COPIERS:
+        assert block_copy.measure(copier, 1 << 16, 2, total_bytes=1 << 20, repeats=1) > 0

@@ -237,6 +237,13 @@ async def test_batch_put_end_with_only_done_and_unknown_entries(env):
 session_only = pytest.mark.parametrize("env", ["session"], indirect=True)
 
 
+async def gets_held_by_a_busy_master(env, num: int = 3) -> list[asyncio.Future]:
+    """`num` session gets sent while the caller holds the pool's lock (the master cannot answer them yet)."""
+    waiting = [asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0)) for _ in range(num)]
+    await asyncio.sleep(0.05)
+    return waiting
+
+
 @session_only
 async def test_session_refusal_fails_that_operation_and_the_next_opens_a_new_stream(env):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -278,9 +285,7 @@ async def test_session_to_an_instance_that_is_no_longer_master_fails_unavailable
 @session_only
 async def test_session_closed_with_operations_waiting_fails_them_and_refuses_more(env):
     async with env.pool._lock:
-        waiting = [asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0))
-                   for _ in range(3)]
-        await asyncio.sleep(0.05)
+        waiting = await gets_held_by_a_busy_master(env)
         assert env.session.num_waiting == 3
         await env.session.close()
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
@@ -292,9 +297,7 @@ async def test_session_closed_with_operations_waiting_fails_them_and_refuses_mor
 @session_only
 async def test_session_operations_waiting_when_the_server_stops_fail_in_time(env):
     async with env.pool._lock:
-        waiting = [asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0))
-                   for _ in range(3)]
-        await asyncio.sleep(0.05)
+        waiting = await gets_held_by_a_busy_master(env)
         await env.server.stop(None)
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
     assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
