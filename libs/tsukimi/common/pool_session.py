@@ -125,6 +125,8 @@ class PoolSession:
             error = exc
         except asyncio.CancelledError:
             error = _error(grpc.StatusCode.CANCELLED, "pool session closed")
+        except Exception as exc:  # noqa: BLE001 (a broken stream of any kind fails its waiters, never hangs them)
+            error = _error(grpc.StatusCode.UNAVAILABLE, f"pool session broke: {exc!r}")
         finally:
             if self._call is call:
                 self._call = self._reader = None
