@@ -36,10 +36,11 @@ def test_on_pieces_is_on_slice_in_bulk():
     assert st[2].status == Status.FAILED and st[2].transferred_bytes == 0
 
 
-async def _round_trip(block: int, num: int, offset: int, batch_size: int) -> None:
+async def _round_trip(block: int, num: int, offset: int, batch_size: int, inline_copy_bytes: int = 4 << 20) -> None:
     metadata = MemoryMetadataStore()
     target = await TransferEngine("target", b"s", metadata, transports=("shm",)).start()
-    engine = await TransferEngine("initiator", b"s", metadata, transports=("shm",), shm_slice_bytes=1 << 20).start()
+    engine = await TransferEngine("initiator", b"s", metadata, transports=("shm",), shm_slice_bytes=1 << 20,
+                                  inline_copy_bytes=inline_copy_bytes).start()
     try:
         remote = target.allocate(block * num + 4096)
         await target.publish()
@@ -73,9 +74,40 @@ async def _round_trip(block: int, num: int, offset: int, batch_size: int) -> Non
 
 
 def test_shm_batches_small_and_large_blocks_misaligned():
-    asyncio.run(_round_trip(256 << 10, 40, 16, 32))  # two jobs per batch of 32, one for the last 8 blocks
-    asyncio.run(_round_trip(3 << 20, 4, 5, 3))  # requests cut into 1 MiB pieces
-    asyncio.run(_round_trip(1000, 50, 0, 50))  # small copies, one job
+    for inline_copy_bytes in (0, 4 << 20):  # every job on the executor; one job on the submitting thread
+        asyncio.run(_round_trip(256 << 10, 40, 16, 32, inline_copy_bytes))  # 2 jobs per batch of 32, 1 for the last 8
+        asyncio.run(_round_trip(3 << 20, 4, 5, 3, inline_copy_bytes))  # requests cut into 1 MiB pieces
+        asyncio.run(_round_trip(1000, 50, 0, 50, inline_copy_bytes))  # small copies, one job
+    asyncio.run(_round_trip(256 << 10, 64, 16, 64, 1 << 20))  # 16 MiB batches: shares above the limit, 2 executor jobs
+
+
+def test_a_submission_within_the_inline_limit_is_copied_before_submit_returns():
+    async def main():
+        metadata = MemoryMetadataStore()
+        target = await TransferEngine("target", b"s", metadata, transports=("shm",)).start()
+        engine = await TransferEngine("initiator", b"s", metadata, transports=("shm",),
+                                      inline_copy_bytes=1 << 20).start()
+        try:
+            remote = target.allocate(4 << 20)
+            await target.publish()
+            data = np.random.default_rng(3).integers(0, 256, 4 << 20, dtype=np.uint8)
+            src = engine.register(data, read_only=True)
+
+            def batch(num_bytes):
+                return [TransferRequest(Op.WRITE, src, i, "target", remote.buffer_id, i, 64 << 10)
+                        for i in range(0, num_bytes, 64 << 10)]
+
+            small = await engine.submit(batch(1 << 20))  # one job, within the limit: copied by submit itself
+            assert all(s.status == Status.COMPLETED for s in engine.status(small))
+            await engine.wait(small)
+            statuses = await engine.wait(await engine.submit(batch(4 << 20)))  # 2 MiB shares: both on the executor
+            assert all(s.status == Status.COMPLETED for s in statuses)
+            assert np.array_equal(np.frombuffer(remote.view, dtype=np.uint8), data)
+        finally:
+            await engine.close()
+            await target.close()
+
+    asyncio.run(main())
 
 
 def test_stream_copy_is_built_and_exact_around_its_threshold_and_page_groups():

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 MIN_JOB_BYTES = 1 << 20
 # A job reports the pieces it moved every this many bytes (and at its end), not once per piece.
 REPORT_BYTES = 16 << 20
+# How long the thread that copied a share inline waits for the other jobs' last copies before it leaves them to
+# the event loop (one 8 MiB piece takes ~1 ms at the slowest copy speeds seen).
+INLINE_WAIT_S = 0.002
 # Copies of a length in [_MISALIGNED_MIN, _MISALIGNED_MAX) whose source and destination are not aligned alike
 # (mod 64) go through a ufunc (see `copy_bytes`).
 _MISALIGNED_MIN, _MISALIGNED_MAX = 4096, 1 << 20
@@ -59,11 +62,13 @@ class ShmPeer:
 
     name = "shm"
 
-    def __init__(self, executor: concurrent.futures.Executor, num_jobs: int = 2):
+    def __init__(self, executor: concurrent.futures.Executor, num_jobs: int = 2, inline_bytes: int = 0):
         self._executor = executor
-        # Copies of one submission are spread over at most this many executor jobs (each copies its share in a
-        # loop).
+        # Copies of one submission are spread over at most this many jobs (each copies its share in a loop).
         self._num_jobs = num_jobs
+        # A share of at most this many bytes is copied by the submitting thread itself (0: every share goes to the
+        # executor).
+        self._inline_bytes = inline_bytes
         self._regions: dict[str, tuple[SharedRegion, np.ndarray]] = {}
 
     def can_reach(self, buffer: BufferDescriptor) -> str:
@@ -85,19 +90,27 @@ class ShmPeer:
         return entry[1]
 
     def submit_copies(self, buffer: BufferDescriptor, batch: Batch, copies: list[Copy], num_bytes: int) -> None:
-        """Copies `copies` of `batch` on the executor: one job, or `num_jobs` when there are bytes enough for
-        each; every job reports what it moved to the batch in one call (per `REPORT_BYTES`)."""
+        """Copies `copies` of `batch` in one job, or `num_jobs` when there are bytes enough for each; the jobs
+        take the copies one at a time from a shared queue (they end together whatever each copy's speed) and each
+        reports what it moved to the batch in one call (per `REPORT_BYTES`). The jobs run on the executor, except
+        that when a job's share is at most `inline_bytes` the calling thread runs one itself, after handing out
+        the others, and then waits for them (each is on its last copy by then): no thread to wake for that share,
+        nor an event loop to wake at the end."""
         target = self._region(buffer)
         num_jobs = max(1, min(self._num_jobs, len(copies), num_bytes // MIN_JOB_BYTES))
-        if num_jobs == 1:
-            self._executor.submit(self._copy_many, target, batch, copies)
-            return
-        # NOTE: copies are dealt round-robin; a batch's requests are usually of one size, so shares are even.
-        for job in range(num_jobs):
-            self._executor.submit(self._copy_many, target, batch, copies[job::num_jobs])
+        # NOTE: one list iterator shared by the jobs: its next() is atomic under the GIL.
+        work = iter(copies)
+        is_inline = num_bytes <= self._inline_bytes * num_jobs
+        for _ in range(num_jobs - 1 if is_inline else num_jobs):
+            self._executor.submit(self._copy_many, target, batch, work)
+        if is_inline:
+            self._copy_many(target, batch, work)
+            if num_jobs > 1:
+                # NOTE: bounded: a job still copying then is waited for through the event loop (engine.wait).
+                batch.wait(INLINE_WAIT_S)
 
     @staticmethod
-    def _copy_many(target: np.ndarray, batch: Batch, copies: list[Copy]) -> None:
+    def _copy_many(target: np.ndarray, batch: Batch, copies) -> None:
         done: list[tuple[int, int, str]] = []
         pending = 0
         for index, op, local, target_offset, length in copies:
