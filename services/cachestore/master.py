@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tsukimi.cachestore.lru_index import LruBlockIndex, TierFull
 from tsukimi.common.arena import ArenaAllocator, ArenaFull
@@ -39,9 +40,9 @@ class PoolError(Exception):
     """A request the pool cannot satisfy (unknown block, no room, leased, ...)."""
 
 
-@dataclass(frozen=True)
-class Replica:
-    """Where one copy of a block lives."""
+class Replica(NamedTuple):
+    """Where one copy of a block lives. (Named tuples here: made per block on every put, at half a frozen
+    dataclass's cost.)"""
 
     instance_id: str
     tier: str
@@ -49,7 +50,7 @@ class Replica:
     size: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     """One immutable block of KV, keyed by its chained hash."""
 
@@ -64,8 +65,7 @@ class Block:
     leases: dict[int, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
     """A replica of a visible block appeared (`is_stored`) or went away. A stored replica whose bytes come from
     another replica names it as `source` (demotion to SSD, promotion to DRAM, a raised replica count); the
     instance holding `replica` must copy them before the operation's reply leaves."""
@@ -76,8 +76,7 @@ class Change:
     source: Replica | None = None
 
 
-@dataclass(frozen=True)
-class Eviction:
+class Eviction(NamedTuple):
     """A replica evicted from a tier; `demoted_to` is where its bytes must be copied (SSD), if anywhere."""
 
     key: bytes
@@ -102,6 +101,8 @@ class PoolMaster:
         self._evict_share = evict_share
         self._clock = clock
         self._tiers: dict[tuple[str, str], _Tier] = {}
+        # (instance, tier) of every DRAM tier, in the order the instances joined.
+        self._dram_tiers: list[tuple[str, _Tier]] = []
         self._blocks: dict[bytes, Block] = {}
         # Blocks with at least one lease: the only ones `_expire` has to look at.
         self._leased: dict[bytes, Block] = {}
@@ -122,6 +123,7 @@ class PoolMaster:
         tier already holds as (key, size, checksum); returns the keys of those it could not take (no room, or a
         different size or checksum under the same key), which the instance should delete."""
         self._tiers[(instance_id, "dram")] = _Tier(dram_bytes, self._high_watermark, self._evict_share)
+        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
         if ssd_bytes:
             self._tiers[(instance_id, "ssd")] = _Tier(ssd_bytes, self._high_watermark, self._evict_share)
         rejected = []
@@ -145,6 +147,7 @@ class PoolMaster:
         """Drops an instance and its replicas; returns the keys left with no replica (now gone)."""
         for tier in TIERS:
             self._tiers.pop((instance_id, tier), None)
+        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
         lost = []
         for key, block in list(self._blocks.items()):
             for replica in [r for r in block.replicas if r.instance_id == instance_id]:
@@ -230,9 +233,28 @@ class PoolMaster:
         where needed; returns (replicas to write, evictions made). ([], []) when the block already exists or
         is being written. Raises PoolError when no instance has room."""
         self._expire()
-        if key in self._blocks:
-            return [], []
         evictions: list[Eviction] = []
+        until = self._clock() + self.put_timeout_s
+        return self._start(key, size, checksum, num_replicas, exclude, evictions, until), evictions
+
+    def put_start_many(self, puts: list[tuple[bytes, int, str, int]]) -> list[list[Replica] | PoolError]:
+        """`put_start` of each (key, size, checksum, num_replicas), in order: its replicas, or the PoolError it
+        raised (the others go on). A count below 1 means 1."""
+        self._expire()
+        until = self._clock() + self.put_timeout_s
+        results: list[list[Replica] | PoolError] = []
+        evictions: list[Eviction] = []
+        for key, size, checksum, num_replicas in puts:
+            try:
+                results.append(self._start(key, size, checksum, max(1, num_replicas), (), evictions, until))
+            except PoolError as exc:
+                results.append(exc)
+        return results
+
+    def _start(self, key: bytes, size: int, checksum: str, num_replicas: int, exclude: tuple[str, ...],
+               evictions: list[Eviction], until: float) -> list[Replica]:
+        if key in self._blocks:
+            return []
         replicas = []
         for iid in self._dram_candidates(exclude):
             if len(replicas) == num_replicas:
@@ -243,24 +265,40 @@ class PoolMaster:
         if not replicas:
             raise PoolError(f"no instance has {size} bytes of DRAM free")
         self._blocks[key] = Block(key, size, checksum, replicas)
-        until = self._clock() + self.put_timeout_s
         self._writing[key] = until
         if until < self._next_expiry:
             self._next_expiry = until
-        return replicas, evictions
+        return replicas
 
     def put_end(self, key: bytes) -> list[Eviction]:
         """The block's bytes are written: it becomes visible. Returns the evictions this caused. Raises
         PoolError for a put revoked meanwhile (by its writer, or for its timeout)."""
         self._expire()
-        block = self._require(key)
+        return self._end(self._require(key))
+
+    def put_end_many(self, keys: list[bytes]) -> list[int]:
+        """`put_end` of each key, in order: the block's size, or 0 for a put revoked meanwhile (or unknown)."""
+        self._expire()
+        blocks = self._blocks
+        sizes = []
+        for key in keys:
+            block = blocks.get(key)
+            if block is None:
+                sizes.append(0)
+                continue
+            self._end(block)
+            sizes.append(block.size)
+        return sizes
+
+    def _end(self, block: Block) -> list[Eviction]:
         if block.is_visible:
             return []
         block.is_visible = True
+        key = block.key
         self._writing.pop(key, None)
         evictions = []
         for replica in list(block.replicas):
-            self._record(block, replica, is_stored=True)
+            self._changes.append(Change(key, replica, True))
             evictions += self._index(key, replica)
         return evictions
 
@@ -282,19 +320,40 @@ class PoolMaster:
         block = self._blocks.get(key)
         if block is None or not block.is_visible:
             return None
+        until = self._clock() + self.lease_s
+        if until < self._next_expiry:
+            self._next_expiry = until
+        return _dram_first(block.replicas), self._lease(block, until)
+
+    def get_many(self, keys: list[bytes]) -> list[tuple[list[Replica], int, str] | None]:
+        """`get` of each key, in order, with the block's checksum: (replicas, lease id, checksum), None on a miss."""
+        self._expire()
+        until = self._clock() + self.lease_s
+        if until < self._next_expiry:
+            self._next_expiry = until
+        blocks = self._blocks
+        results: list[tuple[list[Replica], int, str] | None] = []
+        for key in keys:
+            block = blocks.get(key)
+            if block is None or not block.is_visible:
+                results.append(None)
+                continue
+            results.append((_dram_first(block.replicas), self._lease(block, until), block.checksum))
+        return results
+
+    def _lease(self, block: Block, until: float) -> int:
+        """A new lease on a visible block until `until`: pins it where it lives, and counts as an access."""
         lease = next(self._lease_ids)
         is_first_lease = not block.leases
+        key = block.key
         for replica in block.replicas:
             lru = self._tiers[(replica.instance_id, replica.tier)].lru
             if is_first_lease:
                 lru.pin(key)
             lru.touch(key)
-        until = self._clock() + self.lease_s
         block.leases[lease] = until
         self._leased[key] = block
-        if until < self._next_expiry:
-            self._next_expiry = until
-        return _dram_first(block.replicas), lease
+        return lease
 
     def release(self, key: bytes, lease: int) -> None:
         """Ends a lease early."""
@@ -380,10 +439,11 @@ class PoolMaster:
 
     def _dram_candidates(self, exclude: tuple[str, ...]) -> list[str]:
         """Instances with a DRAM tier, most free bytes first."""
-        candidates = [iid for (iid, tier) in self._tiers if tier == "dram" and iid not in exclude]
-        if len(candidates) > 1:
-            candidates.sort(key=lambda iid: -self._tiers[(iid, "dram")].allocator.num_free_bytes)
-        return candidates
+        tiers = self._dram_tiers
+        if len(tiers) == 1:
+            return [] if tiers[0][0] in exclude else [tiers[0][0]]
+        ranked = sorted((t for t in tiers if t[0] not in exclude), key=lambda t: -t[1].allocator.num_free_bytes)
+        return [iid for iid, _ in ranked]
 
     def _record(self, block: Block, replica: Replica, is_stored: bool, source: Replica | None = None) -> None:
         if block.is_visible:

@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tsukimi.cachestore.master import Change, PoolError, PoolMaster, Replica
 from tsukimi.cachestore.member import Member, MemberError
@@ -35,9 +36,8 @@ class Instance:
     boot_id: str = ""
 
 
-@dataclass(frozen=True)
-class PutSpec:
-    """One block a client wants to put."""
+class PutSpec(NamedTuple):
+    """One block a client wants to put (a named tuple: `PoolMaster.put_start_many` takes it as it is)."""
 
     key: bytes
     size: int
@@ -109,26 +109,14 @@ class Pool:
         """DRAM replicas to write, per block ([] when it exists or is being written; a PoolError when no
         instance has room)."""
         async with self._lock:
-            results: list[list[Replica] | PoolError] = []
-            for put in puts:
-                try:
-                    results.append(self.master.put_start(put.key, put.size, put.checksum,
-                                                         max(1, put.num_replicas))[0])
-                except PoolError as exc:
-                    results.append(exc)
+            results = self.master.put_start_many(puts)
             await self._settle()
             return results
 
     async def put_end(self, keys: list[bytes]) -> list[int]:
         """Makes written blocks visible; the size of each (0 for one unknown: revoked or lost meanwhile)."""
         async with self._lock:
-            sizes = []
-            for key in keys:
-                try:
-                    self.master.put_end(key)
-                    sizes.append(self.master.size(key))
-                except PoolError:
-                    sizes.append(0)
+            sizes = self.master.put_end_many(keys)
             await self._settle()
             return sizes
 
@@ -147,25 +135,29 @@ class Pool:
         """Per key: (DRAM replicas, lease id, checksum), promoting SSD-only blocks to DRAM first; None on a miss
         (or when no DRAM could be freed for it)."""
         async with self._lock:
-            results = []
-            for key in keys:
-                found = self.master.get(key)
-                if found is not None and found[0][0].tier != "dram":
+            results = self.master.get_many(keys)
+            for i, found in enumerate(results):
+                if found is None:
+                    continue
+                if found[0][0].tier != "dram":
                     # SSD only: promoted, then leased again right after, so the next key's promotion cannot
                     # evict it.
+                    key = keys[i]
                     self.master.release(key, found[1])
                     self.master.promote(key)
                     await self._settle()
-                    found = self.master.get(key)
+                    again = self.master.get(key)
+                    found = results[i] = (again[0], again[1], found[2]) if again is not None else None
                 drams = [r for r in found[0] if r.tier == "dram"] if found else []
                 if found and not drams:
-                    self.master.release(key, found[1])
+                    self.master.release(keys[i], found[1])
                 if not drams:
-                    self.num_misses += 1
-                    results.append(None)
-                    continue
-                self.num_hits += 1
-                results.append((drams, found[1], self.master.checksum(key)))
+                    results[i] = None
+                elif len(drams) != len(found[0]):
+                    results[i] = (drams, found[1], found[2])
+            num_hits = sum(1 for r in results if r is not None)
+            self.num_hits += num_hits
+            self.num_misses += len(keys) - num_hits
             return results
 
     async def release(self, leases: list[tuple[bytes, int]]) -> None:

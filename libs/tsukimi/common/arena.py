@@ -32,12 +32,17 @@ class ArenaAllocator:
         if size <= 0:
             raise ValueError(f"size must be positive, got {size}")
         size = -(-size // ALIGN) * ALIGN
-        for start in self._starts:
-            free = self._sizes[start]
-            if free >= size:
-                self._remove_free(start)
+        starts, sizes = self._starts, self._sizes
+        for i, start in enumerate(starts):
+            free = sizes.pop(start) if sizes[start] >= size else 0
+            if free:
                 if free > size:
-                    self._add_free(start + size, free - size)
+                    # NOTE: the rest of the range keeps its place in the sorted starts (no bisect, no insort).
+                    starts[i] = start + size
+                    sizes[start + size] = free - size
+                else:
+                    del starts[i]
+                self.num_free_bytes -= size
                 self._used[start] = size
                 return start
         raise ArenaFull(f"no {size} contiguous bytes free ({self.num_free_bytes} free in all)")

@@ -41,7 +41,8 @@ class PoolClient:
         # How long finished work (put ends, releases) may wait for a call to ride on before it gets its own.
         self.linger_s = linger_s
         self._ends: list[bytes] = []
-        self._releases: list[pb.ReleaseRequest] = []
+        # (key, lease id) of the leases to give back.
+        self._releases: list[tuple[bytes, int]] = []
         self._flusher: asyncio.TimerHandle | None = None
         # Calls under way that carry finished work, each resolved once answered (`flush` waits for them).
         self._carrying: set[asyncio.Future] = set()
@@ -54,7 +55,11 @@ class PoolClient:
     def _take_done(self) -> pb.Done | None:
         if not self._ends and not self._releases:
             return None
-        done = pb.Done(put_end_keys=self._ends, releases=self._releases)
+        done = pb.Done(put_end_keys=self._ends)
+        add = done.releases.add
+        for key, lease_id in self._releases:
+            release = add()
+            release.key, release.lease_id = key, lease_id
         self._ends, self._releases = [], []
         if self._flusher is not None:
             self._flusher.cancel()
@@ -136,9 +141,12 @@ class PoolClient:
         return await self._run(self._put_many(keys, local, offsets, sizes, checksums, num_replicas))
 
     async def _put_many(self, keys, local, offsets, sizes, checksums, num_replicas) -> list[bool]:
-        request = pb.BatchPutStartRequest(puts=[
-            pb.PutStartRequest(key=k, size=s, checksum=c, num_replicas=num_replicas)
-            for k, s, c in zip(keys, sizes, checksums)], done=self._take_done())
+        request = pb.BatchPutStartRequest(done=self._take_done())
+        add = request.puts.add
+        for key, size, checksum in zip(keys, sizes, checksums):
+            # NOTE: fields set one by one on added entries: ~2.5x faster than messages built and copied in.
+            put = add()
+            put.key, put.size, put.checksum, put.num_replicas = key, size, checksum, num_replicas
         starts = (await self._call(self.stub.BatchPutStart, request)).puts
         requests = []
         owners = []  # per request, the index of its key
@@ -188,8 +196,7 @@ class PoolClient:
                     ok[i] = st.status == Status.COMPLETED
         finally:
             # NOTE: after the copies only: the lease keeps the bytes in place while they are read.
-            self._releases.extend(pb.ReleaseRequest(key=k, lease_id=g.lease_id) for k, g in zip(keys, gets)
-                                  if g.found)
+            self._releases.extend((k, g.lease_id) for k, g in zip(keys, gets) if g.found)
             self._arm()
         if verify:
             array = local.array

@@ -411,10 +411,20 @@ class TransferEngine:
         # (segment, buffer id) -> (descriptor, buffer, transport, why): looked up once per batch, not per request.
         targets: dict[tuple[str, int], tuple] = {}
         await self._refresh_dead_peers({r.segment for r in batch.requests}, alive)
+        # NOTE: the checks below run inline for the common case (a request within its buffers); a request that
+        # fails one goes through `_check_local` / `_check_target` for the message.
+        # id of a local buffer -> (length, is writable), for the registered ones.
+        checked_locals: dict[int, tuple[int, bool]] = {}
+        buffers = self._buffers
         for index, request in enumerate(batch.requests):
-            problem = self._check_local(request)
-            if problem:
-                batch.fail(index, problem)
+            local = request.local
+            checked = checked_locals.get(id(local))
+            if checked is None and isinstance(local, LocalBuffer) and buffers.get(local.buffer_id) is local:
+                checked = checked_locals[id(local)] = (local.length, local.is_writable)
+            offset, length = request.local_offset, request.length
+            if (checked is None or offset < 0 or length <= 0 or offset + length > checked[0]
+                    or (request.op == Op.READ and not checked[1])):
+                batch.fail(index, self._check_local(request))
                 continue
             segment = request.segment
             peer = self._peers.get(segment)
@@ -432,9 +442,10 @@ class TransferEngine:
                 transport, why = self._choose(peer, buffer) if buffer is not None else ("", "")
                 target = targets[(segment, request.buffer_id)] = (descriptor, buffer, transport, why)
             _, buffer, transport, why = target
-            problem = self._check_target(descriptor, buffer, request)
-            if problem:
-                batch.fail(index, problem)
+            offset = request.target_offset
+            if (buffer is None or offset < 0 or offset + length > buffer.length
+                    or (request.op == Op.WRITE and not buffer.is_writable)):
+                batch.fail(index, self._check_target(descriptor, buffer, request))
                 continue
             if not transport:
                 batch.fail(index, f"no transport reaches {segment}: {why}")

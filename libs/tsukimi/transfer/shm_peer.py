@@ -37,21 +37,23 @@ Copy = tuple[int, Op, np.ndarray, int, int]
 def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
     """dst[:] = src for equal-length uint8 arrays, at memory speed whatever their alignment.
 
-    Copies of at least `_stream_copy.STREAM_MIN_BYTES` (64 KiB) go through the C extension's streaming stores:
-    the other process reads the bytes, not this core, and glibc's memcpy would first read every destination line
-    into the cache (measured: 256 KiB copies 1.5-1.8x faster, see `_stream_copy.c`).
-    PITFALL (without the extension, and below that size): `np.copyto` is a memmove, and glibc's memmove uses REP
-    MOVSB from ~2 KiB up to a threshold (the L2 size on AMD), which on some CPUs runs several times slower when
-    the destination is not aligned like the source mod 64 (measured on an AMD EPYC: 256 KiB from shm,
-    page-aligned, into a numpy array, which malloc puts 16 bytes past a page: 1.5-2.8 GB/s instead of 7). The
-    uint8 `positive` ufunc is a plain SIMD loop that does not care, and releases the GIL like `copyto`. Above
-    ~1 MiB memmove switches to non-temporal stores, faster than the ufunc when both cores copy: it keeps those.
+    With the C extension, every copy is one call into it (the GIL released): streaming stores from
+    `_stream_copy.STREAM_MIN_BYTES` (64 KiB) up, since the other process reads the bytes, not this core, and
+    glibc's memcpy would first read every destination line into the cache (measured: 256 KiB copies 1.5-1.8x
+    faster, see `_stream_copy.c`); below that, memcpy, or a SIMD loop for a misaligned pair (see the pitfall).
+    PITFALL (without the extension): `np.copyto` is a memmove, and glibc's memmove uses REP MOVSB from ~2 KiB up
+    to a threshold (the L2 size on AMD), which on some CPUs runs several times slower when the destination is not
+    aligned like the source mod 64 (measured on an AMD EPYC: 256 KiB from shm, page-aligned, into a numpy array,
+    which malloc puts 16 bytes past a page: 1.5-2.8 GB/s instead of 7). The uint8 `positive` ufunc is a plain
+    SIMD loop that does not care, and releases the GIL like `copyto`. Above ~1 MiB memmove switches to
+    non-temporal stores, faster than the ufunc when both cores copy: it keeps those.
     """
-    n = len(src)
-    if _stream_copy is not None and n >= _stream_copy.STREAM_MIN_BYTES:
+    if _stream_copy is not None:
         _stream_copy.copy(dst, src)
-    elif _MISALIGNED_MIN <= n < _MISALIGNED_MAX and (dst.__array_interface__["data"][0]
-                                                     - src.__array_interface__["data"][0]) % 64:
+        return
+    n = len(src)
+    if _MISALIGNED_MIN <= n < _MISALIGNED_MAX and (dst.__array_interface__["data"][0]
+                                                   - src.__array_interface__["data"][0]) % 64:
         np.positive(src, out=dst)
     else:
         np.copyto(dst, src)
