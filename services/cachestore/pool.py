@@ -46,9 +46,13 @@ class PutSpec(NamedTuple):
 
 
 class Pool:
-    """Pool operations over the master's metadata; `publish` receives each operation's `PoolEvents`."""
+    """Pool operations over the master's metadata; `publish` receives the `PoolEvents`: one message per
+    operation, or with `coalesce_s` > 0 one per `coalesce_s` at most, carrying the changes of every operation
+    settled meanwhile (fewer messages to encode and send under load; consumers see changes that much later).
+    A snapshot first sends what is pending, so its `seq` covers every change it holds."""
 
-    def __init__(self, master: PoolMaster, publish: Callable[[PoolEvents], None] = lambda events: None):
+    def __init__(self, master: PoolMaster, publish: Callable[[PoolEvents], None] = lambda events: None,
+                 coalesce_s: float = 0.0):
         self.master = master
         self.instances: dict[str, Instance] = {}
         self.epoch = uuid.uuid4().hex
@@ -56,6 +60,10 @@ class Pool:
         self.num_hits = self.num_misses = 0
         self._publish = publish
         self._lock = asyncio.Lock()
+        self.coalesce_s = coalesce_s
+        # Events settled and not published yet (with `coalesce_s`), and the timer that publishes them.
+        self._unpublished: list[BlockStored | BlockRemoved] = []
+        self._flusher: asyncio.TimerHandle | None = None
 
     # ---- membership --------------------------------------------------------------------------------------
 
@@ -91,6 +99,7 @@ class Pool:
         return len(lost)
 
     async def close(self) -> None:
+        self.flush_events()
         for instance in self.instances.values():
             await instance.member.close()
         self.instances.clear()
@@ -197,6 +206,7 @@ class Pool:
 
     async def snapshot(self) -> PoolSnapshot:
         async with self._lock:
+            self.flush_events()
             return PoolSnapshot(epoch=self.epoch, seq=self.seq, replicas=[
                 BlockStored(key, iid, tier) for key, iid, tier in self.master.snapshot()])
 
@@ -206,10 +216,23 @@ class Pool:
         """Moves the bytes the recorded changes imply, then publishes them (and the drops failures caused)."""
         while changes := self.master.take_changes():
             await self._move(changes)
-            self.seq += 1
-            self._publish(PoolEvents(epoch=self.epoch, seq=self.seq, events=[
+            self._unpublished += [
                 (BlockStored if c.is_stored else BlockRemoved)(c.key, c.replica.instance_id, c.replica.tier)
-                for c in changes]))
+                for c in changes]
+            if self.coalesce_s <= 0:
+                self.flush_events()
+            elif self._flusher is None:
+                self._flusher = asyncio.get_running_loop().call_later(self.coalesce_s, self.flush_events)
+
+    def flush_events(self) -> None:
+        """Publishes the events not published yet, as the next message of the stream."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._unpublished:
+            self.seq += 1
+            events, self._unpublished = self._unpublished, []
+            self._publish(PoolEvents(epoch=self.epoch, seq=self.seq, events=events))
 
     async def _move(self, changes: list[Change]) -> None:
         # NOTE: order matters: files of dropped SSD replicas go first (room for the demotions), demotions read

@@ -155,7 +155,7 @@ class Mastership:
 
     async def _become(self) -> None:
         master = PoolMaster(put_timeout_s=self.settings.cache_put_timeout_s)
-        pool = Pool(master, publish=self._events.put_nowait)
+        pool = Pool(master, publish=self._events.put_nowait, coalesce_s=self.settings.cache_events_coalesce_s)
         dram = self.local.dram
         ssd_bytes = self.local.ssd.capacity_bytes if self.local.ssd else 0
         num = await pool.join(self.instance_id, Instance(self.local, self.local.transfer.segment_name,

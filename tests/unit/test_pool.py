@@ -104,3 +104,22 @@ async def test_removal_deletes_the_ssd_file_and_a_rejoin_keeps_its_blocks(setup)
     ((replicas, lease, _),) = await pool.get([K[1]])
     assert bytes(dram.view[replicas[0].offset:replicas[0].offset + BLOCK]) == DATA[K[1]].tobytes()
     assert isinstance(events[-1].events[-1], BlockStored)
+
+
+async def test_coalesced_events_go_out_as_one_message_and_a_snapshot_flushes_them_first(setup):
+    import asyncio
+
+    pool, dram, _, events = setup
+    pool.coalesce_s = 0.05
+    await put(pool, dram, K[0])
+    await put(pool, dram, K[1])
+    assert events == []  # gathered, not sent yet
+    await asyncio.sleep(0.1)
+    (message,) = events
+    assert message.seq == 1 and message.events == [BlockStored(K[0], "a", "dram"), BlockStored(K[1], "a", "dram")]
+    await pool.remove([K[0]])
+    snapshot = await pool.snapshot()  # sends the pending removal first: the snapshot's seq covers it
+    assert [m.seq for m in events] == [1, 2] and events[1].events == [BlockRemoved(K[0], "a", "dram")]
+    assert snapshot.seq == 2 and [r.key for r in snapshot.replicas] == [K[1]]
+    await asyncio.sleep(0.1)
+    assert len(events) == 2  # the timer of the flushed message sends nothing more

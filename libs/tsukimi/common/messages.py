@@ -276,7 +276,7 @@ class BlockRemoved(msgspec.Struct, tag=True, frozen=True):
 
 
 class PoolEvents(Message):
-    """Pool master -> everyone: the replica changes of one pool operation, in order.
+    """Pool master -> everyone: the replica changes of the pool operations since its previous message, in order.
 
     `seq` numbers a master's messages without gaps; a consumer that sees a gap, or a new `epoch`, resynchronises
     from a `PoolSnapshot`.

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # Seconds a put may stay started and not ended before the master revokes it (its writer died or hung), freeing
     # its space and key; longer than a KV transfer may take.
     cache_put_timeout_s: float = Field(60.0, gt=0)
+    # Seconds the pool master gathers block events before publishing them as one message (0: one per operation).
+    cache_events_coalesce_s: float = Field(0.005, ge=0)
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
     # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake; colocated: the
