@@ -272,6 +272,24 @@ async def test_session_timeout_drops_the_late_answer_and_goes_on(env):
 
 
 @session_only
+async def test_a_cancelled_session_caller_leaves_the_stream_working(env):
+    c = env.client()
+    async with env.pool._lock:  # the master is busy: the get cannot be answered yet
+        waiting = asyncio.ensure_future(env.session.BatchGet(pb.KeysRequest(keys=KEYS[:1]), 5.0))
+        await asyncio.sleep(0.05)
+        assert env.session.num_waiting == 1
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert env.session.num_waiting == 0
+    # Its late answer goes nowhere; the next operations are answered on the same stream, in order.
+    assert await env.put(c, range(1)) == [True]
+    await c.flush()
+    assert await env.get(c, range(1)) == [True]
+    await c.close()
+
+
+@session_only
 async def test_session_to_an_instance_that_is_no_longer_master_fails_unavailable(env):
     env.servicer.use(None, master_hint="b")
     with pytest.raises(grpc.aio.AioRpcError) as refused:

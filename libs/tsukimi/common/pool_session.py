@@ -30,6 +30,12 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+def _expire(answer: asyncio.Future, timeout: float) -> None:
+    if not answer.done():
+        answer.set_exception(_error(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"no answer from the pool master within {timeout}s"))
+
+
 class PoolSession:
     """Batch calls as messages of one `CacheStore.Session` stream; safe to use from many tasks at once."""
 
@@ -84,8 +90,12 @@ class PoolSession:
         if self._closed:
             raise _error(grpc.StatusCode.CANCELLED, "pool session closed")
         request.id = next(self._ids)
-        answer = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        # NOTE: awaited directly (no shield, no wait_for task): the reader resolves it, a timer fails it, and a
+        # cancelled caller cancels it, after which its late answer is dropped.
+        answer = loop.create_future()
         self._waiting[request.id] = answer
+        timer = loop.call_later(timeout, _expire, answer, timeout) if timeout is not None else None
         try:
             async with self._write_lock:
                 if answer.done():
@@ -98,11 +108,10 @@ class PoolSession:
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                     # NOTE: the stream ended under us; the reader fails every waiting operation with its status.
                     log.debug("pool session write failed: %s", exc)
-            return await asyncio.wait_for(asyncio.shield(answer), timeout)
-        except asyncio.TimeoutError:
-            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED,
-                         f"no answer from the pool master within {timeout}s") from None
+            return await answer
         finally:
+            if timer is not None:
+                timer.cancel()
             self._waiting.pop(request.id, None)
 
     def _open(self):
