@@ -87,7 +87,11 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
 
     async def in_flight(run_batch) -> None:
-        # Up to --inflight batches under way at once (1: one after the other), issued in order.
+        # Up to --inflight batches under way at once (1: one after the other, as a plain loop), issued in order.
+        if args.inflight == 1:
+            for idx in batches:
+                await run_batch(idx)
+            return
         slots = asyncio.Semaphore(args.inflight)
 
         async def one(idx: range) -> None:
@@ -111,8 +115,9 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
 
     async def get_round(keys: list[bytes], verify: bool = False) -> int:
         # A reader's calls per batch (`PoolClient.get_many`): BatchGet (carrying the previous batch's lease
-        # releases), the READs; the round ends with a flush of the last releases. NOTE: the timed rounds do not
-        # verify the blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per
+        # releases), the READs; the last releases ride on the next round's first call (the timed rounds end with
+        # a flush of the very last ones, timed, as a reader's `close` would send them). NOTE: the timed rounds do
+        # not verify the blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per
         # batch of 32, more than the pool's own work); the untimed first round checks bytes and checksums.
         async def run_batch(idx: range) -> None:
             read = await client.get_many(keys[idx.start:idx.stop], dst, offsets[idx.start:idx.stop],
@@ -120,7 +125,6 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
             assert all(read), "a get missed"
 
         await in_flight(run_batch)
-        await client.flush()
         return args.num_blocks
 
     results = []
@@ -140,11 +144,13 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     results.append({"op": "put", "ops_per_s": num / busy, "elapsed_s": busy, "remove_s": removing})
     keys = keys_of(generation)
     await get_round(keys, verify=True)
+    await client.flush()
     assert np.array_equal(back, data), "read back bytes differ"
     assert [block_checksum(back[i * size:(i + 1) * size]) for i in range(args.num_blocks)] == sums
     num, started = 0, time.monotonic()
     while time.monotonic() - started < args.duration:
         num += await get_round(keys)
+    await client.flush()
     elapsed = time.monotonic() - started
     results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
     await client.close()
