@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Issue 4's side-by-side run: Mooncake Store (its master and MooncakeDistributedStore, tcp protocol, buffer API)
-# and tsukimi's pool (`tsukimi bench cachestore`: unary calls, a session, a session with 2 batches in flight),
-# interleaved round by round on this machine, batches of 32 blocks. Prints one line per system and round (GB/s).
+# Issue 4's side-by-side run: Mooncake Store (its master and MooncakeDistributedStore, tcp protocol, buffer API;
+# one batch call at a time, and 2 at once from 2 threads) and tsukimi's pool (`tsukimi bench cachestore`: unary
+# calls, a session, a session with 2 batches in flight), interleaved round by round on this machine, batches of 32
+# blocks. Prints one line per system and round (GB/s). Compare like with like: one at a time with "session", two at
+# once ("mooncake-store x2") with "--inflight 2".
 #
 #   scripts/bench-pool-compare.sh [ROUNDS] [BLOCK_BYTES]     # defaults: 3 rounds, 262144
 #
@@ -15,9 +17,11 @@ TSUKIMI=${TSUKIMI:-.venv/bin/tsukimi}
 summary='import json, sys
 print(" ".join("%s %.3f" % (d["op"], d["gb_per_s"]) for d in map(json.loads, sys.stdin) if "gb_per_s" in d))'
 for round in $(seq "$ROUNDS"); do
-  echo -n "round $round mooncake-store: "
-  "$PY" -m tsukimi.bench.mooncake_store --block-size "$BLOCK" --num-blocks 256 --batch --api buffer --duration 3 \
-    --json 2>/dev/null | "$PY" -c "$summary"
+  for threads in 1 2; do
+    echo -n "round $round mooncake-store$([ "$threads" = 1 ] || echo " x$threads"): "
+    "$PY" -m tsukimi.bench.mooncake_store --block-size "$BLOCK" --num-blocks 256 --batch --api buffer --duration 3 \
+      --threads "$threads" --json 2>/dev/null | "$PY" -c "$summary"
+  done
   for mode in "--unary" "" "--inflight 2"; do
     echo -n "round $round tsukimi ${mode:-session}: "
     # shellcheck disable=SC2086

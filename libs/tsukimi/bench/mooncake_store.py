@@ -59,6 +59,7 @@ GB/s is 1e9 bytes/s of payload. Results, one dict per op:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import importlib.util
 import json
 import math
@@ -398,13 +399,16 @@ def run_mooncake_store_ops(
     memcpy: str = "auto",
     metadata: str = "http",
     startup_timeout_s: float = 30.0,
+    threads: int = 1,
 ) -> list[dict]:
-    """Start a master and one store client (worker subprocess); measure each op in `ops` in order.
+    """Start a master and one store client (worker subprocess); measure each op in `ops` in order. With
+    `threads` > 1 the client makes that many calls at once (threads taking the batches of a round in turn: the
+    counterpart of `tsukimi bench cachestore --inflight`).
 
     "get" without a preceding "put" does an untimed put round first. Returns one result dict per
     op. Raises MooncakeStoreUnavailable / MooncakeStoreBenchError."""
-    if min(block_size, num_blocks) <= 0 or duration_s <= 0:
-        raise ValueError("block_size, num_blocks and duration_s must be positive")
+    if min(block_size, num_blocks, threads) <= 0 or duration_s <= 0:
+        raise ValueError("block_size, num_blocks, threads and duration_s must be positive")
     if not ops or any(op not in OPS for op in ops):
         raise ValueError(f"ops must be a non-empty subset of {OPS}")
     if api not in APIS:
@@ -438,6 +442,7 @@ def run_mooncake_store_ops(
                 "duration_s": duration_s,
                 "ops": list(ops),
                 "api": api,
+                "threads": threads,
                 "master_addr": f"127.0.0.1:{info['rpc_port']}",
                 "metadata_server": metadata_server_url(metadata, "127.0.0.1", info["http_port"]),
                 "result_file": str(result_file),
@@ -578,53 +583,67 @@ def _worker(spec: dict) -> list[dict]:
             bufs.src[i * block_size : (i + 1) * block_size] = v
     prefix = f"tsk-{uuid.uuid4().hex[:8]}"
     groups = chunks(list(range(num_blocks)), bsize)
+    num_threads = spec.get("threads", 1)
+    executor = concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads > 1 else None
+
+    def each_group(call) -> None:
+        # The round's batch calls: in order on this thread, or `threads` at once (list() re-raises a failure).
+        if executor is None:
+            for idx in groups:
+                call(idx)
+        else:
+            list(executor.map(call, groups))
 
     def put_round(keys: list[str], latencies: list[float] | None) -> None:
-        for idx in groups:
-            ks = [keys[i] for i in idx]
-            t0 = time.perf_counter()
-            if api == "bytes":
-                if batch:
-                    st = store.put_batch(ks, [values[i] for i in idx])
-                else:
-                    st = store.put(ks[0], values[idx[0]])
+        each_group(lambda idx: put_group(keys, idx, latencies))
+
+    def put_group(keys: list[str], idx: list[int], latencies: list[float] | None) -> None:
+        ks = [keys[i] for i in idx]
+        t0 = time.perf_counter()
+        if api == "bytes":
+            if batch:
+                st = store.put_batch(ks, [values[i] for i in idx])
             else:
-                if batch:
-                    st = store.batch_put_from(
-                        ks, [bufs.src_ptr + i * block_size for i in idx], [block_size] * len(idx)
-                    )
-                else:
-                    st = store.put_from(ks[0], bufs.src_ptr + idx[0] * block_size, block_size)
-            if latencies is not None:
-                latencies.append(time.perf_counter() - t0)
-            check_status(API_CALLS[(api, batch, "put")], st)
+                st = store.put(ks[0], values[idx[0]])
+        else:
+            if batch:
+                st = store.batch_put_from(
+                    ks, [bufs.src_ptr + i * block_size for i in idx], [block_size] * len(idx)
+                )
+            else:
+                st = store.put_from(ks[0], bufs.src_ptr + idx[0] * block_size, block_size)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - t0)
+        check_status(API_CALLS[(api, batch, "put")], st)
 
     def get_round(keys: list[str], latencies: list[float], verify: bool) -> None:
-        for idx in groups:
-            ks = [keys[i] for i in idx]
-            t0 = time.perf_counter()
-            if api == "bytes":
-                got = store.get_batch(ks) if batch else [store.get(ks[0])]
-                latencies.append(time.perf_counter() - t0)
-                sizes = [len(g) for g in got]
-            else:
-                if batch:
-                    sizes = store.batch_get_into(
-                        ks, [bufs.dst_ptr + i * block_size for i in idx], [block_size] * len(idx)
-                    )
-                else:
-                    sizes = [store.get_into(ks[0], bufs.dst_ptr + idx[0] * block_size, block_size)]
-                latencies.append(time.perf_counter() - t0)
-                got = None
-            if any(s != block_size for s in sizes):
-                raise MooncakeStoreBenchError(
-                    f"{API_CALLS[(api, batch, 'get')]} returned sizes {sizes[:8]} for {block_size}-byte objects"
+        each_group(lambda idx: get_group(keys, idx, latencies, verify))
+
+    def get_group(keys: list[str], idx: list[int], latencies: list[float], verify: bool) -> None:
+        ks = [keys[i] for i in idx]
+        t0 = time.perf_counter()
+        if api == "bytes":
+            got = store.get_batch(ks) if batch else [store.get(ks[0])]
+            latencies.append(time.perf_counter() - t0)
+            sizes = [len(g) for g in got]
+        else:
+            if batch:
+                sizes = store.batch_get_into(
+                    ks, [bufs.dst_ptr + i * block_size for i in idx], [block_size] * len(idx)
                 )
-            if verify:
-                for j, i in enumerate(idx):
-                    data = got[j] if got is not None else bufs.dst[i * block_size : (i + 1) * block_size]
-                    if data != values[i]:
-                        raise MooncakeStoreBenchError(f"get of {ks[j]} returned wrong content")
+            else:
+                sizes = [store.get_into(ks[0], bufs.dst_ptr + idx[0] * block_size, block_size)]
+            latencies.append(time.perf_counter() - t0)
+            got = None
+        if any(s != block_size for s in sizes):
+            raise MooncakeStoreBenchError(
+                f"{API_CALLS[(api, batch, 'get')]} returned sizes {sizes[:8]} for {block_size}-byte objects"
+            )
+        if verify:
+            for j, i in enumerate(idx):
+                data = got[j] if got is not None else bufs.dst[i * block_size : (i + 1) * block_size]
+                if data != values[i]:
+                    raise MooncakeStoreBenchError(f"get of {ks[j]} returned wrong content")
 
     results: list[dict] = []
     live_keys: list[str] | None = None
@@ -662,7 +681,7 @@ def _worker(spec: dict) -> list[dict]:
             results.append(
                 make_result(
                     op, block_size, batch, bsize, done, len(latencies), elapsed, latencies, api,
-                    num_blocks=num_blocks, rounds=rounds, duration_s=duration_s,
+                    num_blocks=num_blocks, rounds=rounds, duration_s=duration_s, threads=num_threads,
                 )
             )
     finally:
@@ -671,6 +690,8 @@ def _worker(spec: dict) -> list[dict]:
                 store.batch_remove(live_keys, True)
             except Exception:  # noqa: BLE001
                 pass
+        if executor is not None:
+            executor.shutdown()
         if bufs is not None:
             bufs.unregister()
         store.close()
@@ -714,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MC_STORE_MEMCPY for the client: off forces local objects over TCP")
     parser.add_argument("--metadata", choices=METADATA_MODES, default="http")
     parser.add_argument("--repeat", type=int, default=1, help="sessions, each a fresh master + client")
+    parser.add_argument("--threads", type=int, default=1, help="batch calls at once (threads of the client)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per op and run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -726,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run_mooncake_store_ops(
                 args.block_size, args.num_blocks, args.batch, args.duration, ops=ops,
                 batch_size=args.batch_size, api=args.api, memcpy=args.memcpy, metadata=args.metadata,
+                threads=args.threads,
             )
         except MooncakeStoreUnavailable as exc:
             print(f"mooncake store unavailable: {exc.reason}", file=sys.stderr)
