@@ -74,8 +74,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def _done(self, request) -> None:
         """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),
         before the call's own work."""
-        if not request.HasField("done"):
-            return
+        if not request.HasField("done") or self.pool is None:
+            return  # NOTE: no pool: this instance stopped being the master (its successor knows none of them).
         done = request.done
         if done.releases:
             await self.pool.release([(r.key, r.lease_id) for r in done.releases])
@@ -132,6 +132,15 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     @_timed
     async def BatchPutStart(self, request, context):
         await self._done(request)
+        return await self._batch_put_start(request, context)
+
+    @_timed
+    async def SessionPutStart(self, request, context):
+        """BatchPutStart as a session message: its own work only (the session applies its `done` after the
+        reply has gone)."""
+        return await self._batch_put_start(request, context)
+
+    async def _batch_put_start(self, request, context):
         try:
             results = await self._put_start(request.puts)
         except ValueError as exc:
@@ -260,13 +269,25 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     async def Session(self, request_iterator, context):
         """The batch calls as messages of one stream, each answered in order by the unary call's own handler
-        (timed under its name; a refusal aborts the stream with that call's status)."""
+        (timed under its name; a refusal aborts the stream with that call's status). NOTE: what a put start's
+        `done` carries, and the releases a get's carries, change nothing in that call's answer: they are applied
+        right after the reply has gone (off the client's wait), before the next message is read; the put ends a
+        get carries are applied before it, as a reader may ask for what it has just put."""
         async for request in request_iterator:
             op = request.WhichOneof("op")
             if op == "put_start":
-                yield pb.SessionReply(id=request.id, put_start=await self.BatchPutStart(request.put_start, context))
+                yield pb.SessionReply(id=request.id,
+                                      put_start=await self.SessionPutStart(request.put_start, context))
+                await self._done(request.put_start)
             elif op == "get":
-                yield pb.SessionReply(id=request.id, get=await self.BatchGet(request.get, context))
+                get = request.get
+                releases = None
+                if get.HasField("done") and get.done.releases:
+                    releases = [(r.key, r.lease_id) for r in get.done.releases]
+                    get.done.ClearField("releases")
+                yield pb.SessionReply(id=request.id, get=await self.BatchGet(get, context))
+                if releases and self.pool is not None:
+                    await self.pool.release(releases)
             elif op == "put_end":
                 yield pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context))
             elif op == "put_revoke":

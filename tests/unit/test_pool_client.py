@@ -272,6 +272,23 @@ async def test_session_timeout_drops_the_late_answer_and_goes_on(env):
 
 
 @session_only
+async def test_session_applies_a_put_starts_done_after_its_reply_and_before_the_next_message(env):
+    c = env.client()
+    assert await env.put(c, range(4)) == [True] * 4
+    assert await env.put(c, range(4, 8)) == [True] * 4  # carried the first batch's ends, applied after the reply
+    # The next message sees them applied: a get of the first batch (carrying the second batch's ends, applied
+    # before it) finds all eight, and leases them.
+    assert await env.get(c, range(8)) == [True] * 8
+    assert visible(env.master) == set(KEYS[:8]) and leased(env.master) == set(KEYS[:8])
+    # The releases a get carries are applied after its reply: the next message finds them given back.
+    assert await env.get(c, range(8, 8)) == []
+    await env.session.BatchPutEnd(pb.KeysRequest(), 2.0)  # any message: read after the releases were applied
+    assert leased(env.master) == set()
+    assert env.stub.calls == {"BatchPutStart": 2, "BatchGet": 2}
+    await c.close()
+
+
+@session_only
 async def test_a_cancelled_session_caller_leaves_the_stream_working(env):
     c = env.client()
     async with env.pool._lock:  # the master is busy: the get cannot be answered yet
