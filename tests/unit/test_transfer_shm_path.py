@@ -139,3 +139,21 @@ def test_stream_copy_refuses_bad_buffers_and_moves_overlapping_ones():
     expected = data[:len(data) - 4096].copy()
     _stream_copy.copy(data[4096:], data[:len(data) - 4096])  # overlapping: a memmove
     assert np.array_equal(data[4096:], expected)
+
+
+def test_stream_copy_at_offsets_is_exact_and_refuses_ranges_outside_either_buffer():
+    import pytest
+
+    from tsukimi.transfer import _stream_copy
+
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    dst = np.zeros(1 << 20, dtype=np.uint8)
+    for dst_offset, src_offset, n in ((0, 0, 1 << 20), (5, 61, 300_001), (4096, 0, 65536), (3, 7, 1)):
+        dst[:] = 0
+        _stream_copy.copy_at(dst, dst_offset, src, src_offset, n)
+        assert np.array_equal(dst[dst_offset:dst_offset + n], src[src_offset:src_offset + n])
+        assert not dst[:dst_offset].any() and not dst[dst_offset + n:].any()
+    for dst_offset, src_offset, n in ((1, 0, 1 << 20), (0, 1, 1 << 20), (-1, 0, 10), (0, 0, -1)):
+        with pytest.raises(ValueError, match="out of range"):
+            _stream_copy.copy_at(dst, dst_offset, src, src_offset, n)

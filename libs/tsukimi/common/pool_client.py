@@ -181,22 +181,27 @@ class PoolClient:
 
     async def _get_many(self, keys, local, offsets, sizes, verify) -> list[bool]:
         gets = (await self._call(self.stub.BatchGet, pb.KeysRequest(keys=keys, done=self._take_done()))).gets
-        requests, indices = [], []
+        requests, indices, leases = [], [], []
         ok = [False] * len(keys)
+        read = Op.READ
         for i, got in enumerate(gets):
-            if got.found and got.replicas[0].size == sizes[i]:
-                replica = got.replicas[0]
-                requests.append(TransferRequest(Op.READ, local, offsets[i], replica.segment, replica.buffer_id,
+            if not got.found:
+                continue
+            leases.append((keys[i], got.lease_id))
+            replica = got.replicas[0]
+            if replica.size == sizes[i]:
+                requests.append(TransferRequest(read, local, offsets[i], replica.segment, replica.buffer_id,
                                                 replica.offset, sizes[i]))
                 indices.append(i)
         try:
             if requests:
                 statuses = await self.transfer.wait(await self.transfer.submit(requests))
+                completed = Status.COMPLETED
                 for i, st in zip(indices, statuses):
-                    ok[i] = st.status == Status.COMPLETED
+                    ok[i] = st.status is completed
         finally:
             # NOTE: after the copies only: the lease keeps the bytes in place while they are read.
-            self._releases.extend((k, g.lease_id) for k, g in zip(keys, gets) if g.found)
+            self._releases.extend(leases)
             self._arm()
         if verify:
             array = local.array

@@ -9,6 +9,7 @@
  * cache; glibc's memcpy makes them, except from 4 KiB up when source and destination are not aligned alike.
  *
  * copy(dst, src): dst a writable buffer, src a readable buffer of the same length; the GIL is released.
+ * copy_at(dst, dst_offset, src, src_offset, n): the same for n bytes at offsets (no slice objects per copy).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -115,8 +116,40 @@ static PyObject *copy(PyObject *self, PyObject *args)
     return result;
 }
 
+static PyObject *copy_at(PyObject *self, PyObject *args)
+{
+    Py_buffer dst, src;
+    Py_ssize_t dst_offset, src_offset, n;
+    if (!PyArg_ParseTuple(args, "w*ny*nn:copy_at", &dst, &dst_offset, &src, &src_offset, &n))
+        return NULL;
+    PyObject *result = NULL;
+    if (dst_offset < 0 || src_offset < 0 || n < 0 || dst_offset > dst.len - n || src_offset > src.len - n) {
+        PyErr_Format(PyExc_ValueError, "copy_at: %zd bytes at %zd of %zd / at %zd of %zd are out of range", n,
+                     dst_offset, dst.len, src_offset, src.len);
+    } else if (!PyBuffer_IsContiguous(&dst, 'C') || !PyBuffer_IsContiguous(&src, 'C')) {
+        PyErr_SetString(PyExc_ValueError, "copy_at: buffers must be contiguous");
+    } else {
+        char *d = (char *)dst.buf + dst_offset;
+        const char *s = (const char *)src.buf + src_offset;
+        int overlap = d < s + n && s < d + n;
+        Py_BEGIN_ALLOW_THREADS
+        if (overlap)
+            memmove(d, s, (size_t)n);
+        else
+            stream_copy(d, s, (size_t)n);
+        Py_END_ALLOW_THREADS
+        result = Py_None;
+        Py_INCREF(result);
+    }
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"copy", copy, METH_VARARGS, "copy(dst, src): dst[:] = src with streaming stores for large copies."},
+    {"copy_at", copy_at, METH_VARARGS,
+     "copy_at(dst, dst_offset, src, src_offset, n): dst[dst_offset:][:n] = src[src_offset:][:n], as copy does."},
     {NULL, NULL, 0, NULL},
 };
 

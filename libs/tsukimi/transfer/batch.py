@@ -47,7 +47,7 @@ class TransferRequest(NamedTuple):
     length: int
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestStatus:
     """Progress of one request."""
 
@@ -143,12 +143,16 @@ class Batch:
 
     def on_pieces(self, pieces: list[tuple[int, int, str]]) -> None:
         """Many pieces at once, under one lock: (request index, bytes, "" or why it failed) of each, in the order
-        they ended. The same outcome as one `on_slice` per piece."""
+        they ended. The same outcome as one `on_slice` per piece (the requests it completes share one latency,
+        read once)."""
         with self._lock:
             statuses, left = self.statuses, self._slices_left
+            latency = time.monotonic() - self.submitted_at
+            num_completed = 0
+            pending = Status.PENDING
             for index, length, error in pieces:
                 st = statuses[index]
-                if st.status.is_final:
+                if st.status is not pending and st.status.is_final:
                     continue
                 if error:
                     self._finish(index, Status.FAILED, error)
@@ -156,7 +160,15 @@ class Batch:
                 st.transferred_bytes += length
                 left[index] -= 1
                 if left[index] == 0:
-                    self._finish(index, Status.COMPLETED, "")
+                    st.status, st.latency_s = Status.COMPLETED, latency
+                    num_completed += 1
+            if num_completed:
+                # NOTE: counted down once for all (`_finish` cannot reach 0 meanwhile: these were still open).
+                self._num_open -= num_completed
+                if self._num_open == 0:
+                    self._done.set()
+                    for callback in self._on_done:
+                        callback()
 
     def _finish(self, index: int, status: Status, error: str) -> None:
         st = self.statuses[index]

@@ -489,14 +489,13 @@ class TransferEngine:
                                                        request.target_offset)
             local = request.local.array
             if length <= size:
-                copies.append((index, op, local[local_offset:local_offset + length], target_offset, length))
+                copies.append((index, op, local, local_offset, target_offset, length))
                 counts.append((index, 1))
             else:
                 n = 0
                 for start in range(0, length, size):
-                    piece = min(size, length - start)
-                    copies.append((index, op, local[local_offset + start:local_offset + start + piece],
-                                   target_offset + start, piece))
+                    copies.append((index, op, local, local_offset + start, target_offset + start,
+                                   min(size, length - start)))
                     n += 1
                 counts.append((index, n))
             num_bytes[op] += length
@@ -585,14 +584,15 @@ class TransferEngine:
         statuses = batch.final_statuses()
         BATCH_SECONDS.observe(time.monotonic() - batch.submitted_at)
         failed_segments = set()
-        outcomes: dict[tuple[str, str], int] = {}
+        outcomes: dict[tuple[str, Status], int] = {}
+        completed = Status.COMPLETED
         for request, st in zip(batch.requests, statuses):
-            key = (st.transport or "none", st.status.value)
+            key = (st.transport, st.status)
             outcomes[key] = outcomes.get(key, 0) + 1
-            if st.status != Status.COMPLETED:
+            if st.status is not completed:
                 failed_segments.add(request.segment)
         for (transport, status), n in outcomes.items():
-            _requests_counter(transport, status).inc(n)
+            _requests_counter(transport or "none", status.value).inc(n)
         for segment in failed_segments:
             # NOTE: the peer may have restarted elsewhere; re-resolve it on next use.
             self._drop_peer(segment)

@@ -30,8 +30,9 @@ INLINE_WAIT_S = 0.002
 # (mod 64) go through a ufunc (see `copy_bytes`).
 _MISALIGNED_MIN, _MISALIGNED_MAX = 4096, 1 << 20
 
-# One copy: (request index, op, local bytes as a uint8 array, offset in the target buffer, length).
-Copy = tuple[int, Op, np.ndarray, int, int]
+# One copy: (request index, op, the local buffer's bytes as a uint8 array, offset there, offset in the target
+# buffer, length).
+Copy = tuple[int, Op, np.ndarray, int, int, int]
 
 
 def copy_bytes(dst: np.ndarray, src: np.ndarray) -> None:
@@ -115,14 +116,21 @@ class ShmPeer:
     def _copy_many(target: np.ndarray, batch: Batch, copies) -> None:
         done: list[tuple[int, int, str]] = []
         pending = 0
-        for index, op, local, target_offset, length in copies:
+        write = Op.WRITE
+        for index, op, local, local_offset, target_offset, length in copies:
             try:
-                remote = target[target_offset:target_offset + length]
-                # NOTE: numpy releases the GIL for large copies, so jobs copy in parallel on several cores.
-                if op == Op.WRITE:
-                    copy_bytes(remote, local)
+                # NOTE: the copy releases the GIL, so jobs copy in parallel on several cores.
+                if _stream_copy is not None:
+                    if op == write:
+                        _stream_copy.copy_at(target, target_offset, local, local_offset, length)
+                    else:
+                        _stream_copy.copy_at(local, local_offset, target, target_offset, length)
+                elif op == write:
+                    copy_bytes(target[target_offset:target_offset + length],
+                               local[local_offset:local_offset + length])
                 else:
-                    copy_bytes(local, remote)
+                    copy_bytes(local[local_offset:local_offset + length],
+                               target[target_offset:target_offset + length])
                 done.append((index, length, ""))
             except Exception as exc:
                 done.append((index, length, f"shm copy failed: {exc}"))
