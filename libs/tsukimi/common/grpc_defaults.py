@@ -2,8 +2,9 @@
 
 `GRPC_EXPERIMENTS`: grpcio 1.85's EventEngine client and listener add thread hops to every message (an I/O
 callback thread, then the completion queue, then the asyncio poller). Turning those two experiments off keeps
-grpc's own polling I/O: measured on the project's 2-core VMs, a `CacheStore.Session` round trip of an empty
-message 208-243 us -> 130-139 us, and 256 KiB batch puts / gets through the pool 5-15% faster (docs/benchmarks.md).
+grpc's own polling I/O: measured on the project's 2-core VMs (`python -m tsukimi.bench.session_rtt`), a
+`CacheStore.Session` round trip of an empty message 279 -> 186 us, and 256 KiB batch puts / gets through the pool
+5-15% faster (docs/benchmarks.md).
 A `GRPC_EXPERIMENTS` already in the environment is left alone; another grpcio minor version is left alone too
 (its experiments may have other names: an unknown one is logged as an error at start).
 """

@@ -1,0 +1,112 @@
+"""Round trips of `CacheStore.Session` messages between two processes, with grpc's defaults and with the settings
+tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved: what one metadata call of the pool costs on
+the wire and in grpc, before any pool work (the server answers empty put ends and gets of unknown keys).
+
+    python -m tsukimi.bench.session_rtt [--rounds 3] [--num 3000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+from tsukimi.common import grpc_defaults
+from tsukimi.common.natsserver import free_port
+
+
+async def _serve(port: int) -> None:
+    import grpc
+
+    from tsukimi.cachestore.master import PoolMaster
+    from tsukimi.cachestore.pool import Pool
+    from tsukimi.cachestore.servicer import CacheStoreServicer
+    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+
+    server = grpc.aio.server()
+    pb_grpc.add_CacheStoreServicer_to_server(CacheStoreServicer(Pool(PoolMaster())), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def _measure(port: int, num: int) -> dict:
+    import grpc
+
+    from tsukimi.common.pool_session import PoolSession
+    from tsukimi.proto import cachestore_pb2 as pb
+    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
+
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    session = PoolSession(pb_grpc.CacheStoreStub(channel))
+    keys = [bytes([i]) * 32 for i in range(32)]
+    result = {}
+    for label, call in (("empty_us", lambda: session.BatchPutEnd(pb.KeysRequest(), 5.0)),
+                        ("get_32_misses_us", lambda: session.BatchGet(pb.KeysRequest(keys=keys), 5.0))):
+        for _ in range(num // 10):
+            await call()
+        started = time.perf_counter()
+        for _ in range(num):
+            await call()
+        result[label] = round(1e6 * (time.perf_counter() - started) / num, 1)
+    await session.close()
+    await channel.close()
+    return result
+
+
+def _one(experiments: str | None, num: int) -> dict:
+    """Server and client in two fresh processes with GRPC_EXPERIMENTS set to `experiments` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if experiments is not None:
+        env["GRPC_EXPERIMENTS"] = experiments
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tsukimi.bench.session_rtt", "--serve", str(port)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the session server did not start")
+        out = subprocess.run([sys.executable, "-m", "tsukimi.bench.session_rtt", "--client", str(port),
+                              "--num", str(num)], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tsukimi.bench.session_rtt", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num", type=int, default=3000, help="round trips per measurement")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(_serve(args.serve))
+        return 0
+    if args.client:
+        print(json.dumps(asyncio.run(_measure(args.client, args.num))))
+        return 0
+    tuned = grpc_defaults.experiments_for(metadata.version("grpcio"))
+    samples: dict[str, list[dict]] = {"grpc_defaults": [], "tsukimi": []}
+    for _ in range(args.rounds):
+        samples["grpc_defaults"].append(_one(None, args.num))
+        samples["tsukimi"].append(_one(tuned, args.num) if tuned is not None else samples["grpc_defaults"][-1])
+    medians = {name: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for name, runs in samples.items()}
+    if args.json:
+        print(json.dumps({"grpc_experiments": tuned, "median": medians, "samples": samples}))
+    else:
+        for name, m in medians.items():
+            print(f"{name:14} empty {m['empty_us']:.0f} us, get of 32 unknown keys {m['get_32_misses_us']:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
