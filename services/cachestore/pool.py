@@ -144,6 +144,7 @@ class Pool:
         """Per key: (DRAM replicas, lease id, checksum), promoting SSD-only blocks to DRAM first; None on a miss
         (or when no DRAM could be freed for it)."""
         async with self._lock:
+            # NOTE: every key is leased first, so a promotion below cannot evict a later key of the same batch.
             results = self.master.get_many(keys)
             for i, found in enumerate(results):
                 if found is None:

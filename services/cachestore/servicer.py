@@ -17,8 +17,11 @@ from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
-def _timed(method):
-    """Records the call's latency under its name; refuses calls while this instance is not the master."""
+def _timed(method=None, *, name: str | None = None):
+    """Records the call's latency under its name (or `name`); refuses calls while this instance is not the
+    master."""
+    if method is None:
+        return functools.partial(_timed, name=name)
 
     @functools.wraps(method)
     async def wrapper(self, request, context, *args):
@@ -31,7 +34,7 @@ def _timed(method):
         finally:
             histogram.observe(time.perf_counter() - started)
 
-    histogram = metrics.RPC_SECONDS.labels(method.__name__)
+    histogram = metrics.RPC_SECONDS.labels(name or method.__name__)
     return wrapper
 
 
@@ -138,7 +141,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         await self._batch_put_start(request, context, reply)
         return reply
 
-    @_timed
+    @_timed(name="BatchPutStart")
     async def SessionPutStart(self, request, context, reply) -> None:
         """BatchPutStart as a session message, answered into `reply`: its own work only (the session applies its
         `done` after the reply has gone)."""
@@ -219,7 +222,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         await self._get(list(request.keys), reply.gets)
         return reply
 
-    @_timed
+    @_timed(name="BatchGet")
     async def SessionGet(self, request, context, reply) -> None:
         """BatchGet as a session message, answered into `reply`."""
         await self._done(request)
