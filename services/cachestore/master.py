@@ -123,7 +123,7 @@ class PoolMaster:
         tier already holds as (key, size, checksum); returns the keys of those it could not take (no room, or a
         different size or checksum under the same key), which the instance should delete."""
         self._tiers[(instance_id, "dram")] = _Tier(dram_bytes, self._high_watermark, self._evict_share)
-        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
+        self._list_dram_tiers()
         if ssd_bytes:
             self._tiers[(instance_id, "ssd")] = _Tier(ssd_bytes, self._high_watermark, self._evict_share)
         rejected = []
@@ -147,7 +147,7 @@ class PoolMaster:
         """Drops an instance and its replicas; returns the keys left with no replica (now gone)."""
         for tier in TIERS:
             self._tiers.pop((instance_id, tier), None)
-        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
+        self._list_dram_tiers()
         lost = []
         for key, block in list(self._blocks.items()):
             for replica in [r for r in block.replicas if r.instance_id == instance_id]:
@@ -234,14 +234,14 @@ class PoolMaster:
         is being written. Raises PoolError when no instance has room."""
         self._expire()
         evictions: list[Eviction] = []
-        until = self._clock() + self.put_timeout_s
+        until = self._deadline(self.put_timeout_s)
         return self._start(key, size, checksum, num_replicas, exclude, evictions, until), evictions
 
     def put_start_many(self, puts: list[tuple[bytes, int, str, int]]) -> list[list[Replica] | PoolError]:
         """`put_start` of each (key, size, checksum, num_replicas), in order: its replicas, or the PoolError it
         raised (the others go on). A count below 1 means 1."""
         self._expire()
-        until = self._clock() + self.put_timeout_s
+        until = self._deadline(self.put_timeout_s)
         results: list[list[Replica] | PoolError] = []
         evictions: list[Eviction] = []
         for key, size, checksum, num_replicas in puts:
@@ -266,8 +266,6 @@ class PoolMaster:
             raise PoolError(f"no instance has {size} bytes of DRAM free")
         self._blocks[key] = Block(key, size, checksum, replicas)
         self._writing[key] = until
-        if until < self._next_expiry:
-            self._next_expiry = until
         return replicas
 
     def put_end(self, key: bytes) -> list[Eviction]:
@@ -298,7 +296,7 @@ class PoolMaster:
         self._writing.pop(key, None)
         evictions = []
         for replica in list(block.replicas):
-            self._changes.append(Change(key, replica, True))
+            self._record(block, replica, is_stored=True)
             evictions += self._index(key, replica)
         return evictions
 
@@ -320,17 +318,12 @@ class PoolMaster:
         block = self._blocks.get(key)
         if block is None or not block.is_visible:
             return None
-        until = self._clock() + self.lease_s
-        if until < self._next_expiry:
-            self._next_expiry = until
-        return _dram_first(block.replicas), self._lease(block, until)
+        return _dram_first(block.replicas), self._lease(block, self._deadline(self.lease_s))
 
     def get_many(self, keys: list[bytes]) -> list[tuple[list[Replica], int, str] | None]:
         """`get` of each key, in order, with the block's checksum: (replicas, lease id, checksum), None on a miss."""
         self._expire()
-        until = self._clock() + self.lease_s
-        if until < self._next_expiry:
-            self._next_expiry = until
+        until = self._deadline(self.lease_s)
         blocks = self._blocks
         results: list[tuple[list[Replica], int, str] | None] = []
         for key in keys:
@@ -436,6 +429,16 @@ class PoolMaster:
         if block is None:
             raise PoolError("unknown block")
         return block
+
+    def _deadline(self, seconds: float) -> float:
+        """`seconds` from now, as a lease or put deadline that `_expire` will look at."""
+        until = self._clock() + seconds
+        if until < self._next_expiry:
+            self._next_expiry = until
+        return until
+
+    def _list_dram_tiers(self) -> None:
+        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
 
     def _dram_candidates(self, exclude: tuple[str, ...]) -> list[str]:
         """Instances with a DRAM tier, most free bytes first."""

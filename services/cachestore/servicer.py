@@ -217,14 +217,16 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     @_timed
     async def BatchGet(self, request, context):
-        await self._done(request)
         reply = pb.BatchGetReply()
-        await self._get(list(request.keys), reply.gets)
+        await self._batch_get(request, reply)
         return reply
 
     @_timed(name="BatchGet")
     async def SessionGet(self, request, context, reply) -> None:
         """BatchGet as a session message, answered into `reply`."""
+        await self._batch_get(request, reply)
+
+    async def _batch_get(self, request, reply) -> None:
         await self._done(request)
         reply.SetInParent()
         await self._get(list(request.keys), reply.gets)

@@ -87,6 +87,18 @@ static void stream_copy(char *dst, const char *src, size_t n)
     memcpy(dst, src, n);
 }
 
+/* n bytes from s to d with the GIL released: a memmove when the ranges overlap, else stream_copy. */
+static void copy_released(char *d, const char *s, size_t n)
+{
+    int overlap = d < s + n && s < d + n;
+    Py_BEGIN_ALLOW_THREADS
+    if (overlap)
+        memmove(d, s, n);
+    else
+        stream_copy(d, s, n);
+    Py_END_ALLOW_THREADS
+}
+
 static PyObject *copy(PyObject *self, PyObject *args)
 {
     Py_buffer dst, src;
@@ -98,16 +110,7 @@ static PyObject *copy(PyObject *self, PyObject *args)
     } else if (!PyBuffer_IsContiguous(&dst, 'C') || !PyBuffer_IsContiguous(&src, 'C')) {
         PyErr_SetString(PyExc_ValueError, "copy: buffers must be contiguous");
     } else {
-        char *d = dst.buf;
-        const char *s = src.buf;
-        size_t n = (size_t)dst.len;
-        int overlap = d < s + n && s < d + n;
-        Py_BEGIN_ALLOW_THREADS
-        if (overlap)
-            memmove(d, s, n);
-        else
-            stream_copy(d, s, n);
-        Py_END_ALLOW_THREADS
+        copy_released(dst.buf, src.buf, (size_t)dst.len);
         result = Py_None;
         Py_INCREF(result);
     }
@@ -129,15 +132,7 @@ static PyObject *copy_at(PyObject *self, PyObject *args)
     } else if (!PyBuffer_IsContiguous(&dst, 'C') || !PyBuffer_IsContiguous(&src, 'C')) {
         PyErr_SetString(PyExc_ValueError, "copy_at: buffers must be contiguous");
     } else {
-        char *d = (char *)dst.buf + dst_offset;
-        const char *s = (const char *)src.buf + src_offset;
-        int overlap = d < s + n && s < d + n;
-        Py_BEGIN_ALLOW_THREADS
-        if (overlap)
-            memmove(d, s, (size_t)n);
-        else
-            stream_copy(d, s, (size_t)n);
-        Py_END_ALLOW_THREADS
+        copy_released((char *)dst.buf + dst_offset, (const char *)src.buf + src_offset, (size_t)n);
         result = Py_None;
         Py_INCREF(result);
     }
