@@ -140,9 +140,10 @@ class Pool:
                     done.append(False)
             return done
 
-    async def get(self, keys: list[bytes]) -> list[tuple[list[Replica], int, str] | None]:
+    async def get(self, keys: list[bytes], is_prefix: bool = False) -> list[tuple[list[Replica], int, str] | None]:
         """Per key: (DRAM replicas, lease id, checksum), promoting SSD-only blocks to DRAM first; None on a miss
-        (or when no DRAM could be freed for it)."""
+        (or when no DRAM could be freed for it). With `is_prefix`, the keys after the first miss are misses too
+        (not leased: a reader of a prefix cannot use a block after a gap)."""
         async with self._lock:
             # NOTE: every key is leased first, so a promotion below cannot evict a later key of the same batch.
             results = self.master.get_many(keys)
@@ -165,6 +166,12 @@ class Pool:
                     results[i] = None
                 elif len(drams) != len(found[0]):
                     results[i] = (drams, found[1], found[2])
+            if is_prefix and None in results:
+                first_miss = results.index(None)
+                for i in range(first_miss + 1, len(results)):
+                    if results[i] is not None:
+                        self.master.release(keys[i], results[i][1])
+                        results[i] = None
             num_hits = sum(1 for r in results if r is not None)
             self.num_hits += num_hits
             self.num_misses += len(keys) - num_hits

@@ -193,10 +193,10 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     # ---- gets --------------------------------------------------------------------------------------------
 
-    async def _get(self, keys: list[bytes], out) -> None:
+    async def _get(self, keys: list[bytes], out, is_prefix: bool = False) -> None:
         """Appends one GetReply per key to `out` (a repeated field)."""
         num_hits = num_bytes = 0
-        for found in await self.pool.get(keys):
+        for found in await self.pool.get(keys, is_prefix):
             reply = out.add()
             if found is None:
                 continue
@@ -229,7 +229,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def _batch_get(self, request, reply) -> None:
         await self._done(request)
         reply.SetInParent()
-        await self._get(list(request.keys), reply.gets)
+        await self._get(list(request.keys), reply.gets, request.is_prefix)
 
     @_timed
     async def Release(self, request, context):

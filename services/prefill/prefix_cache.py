@@ -1,7 +1,9 @@
 """Prefill's use of the KV cache pool: load the longest cached prefix of a prompt, store the blocks it computed.
 
-Metadata goes over the cachestore's gRPC API; block bytes through the transfer engine. Any failure to reach
-the pool degrades to computing the whole prompt: the pool is an accelerator, never a dependency.
+Through `PoolClient` over a `PoolSession` (the calls `tsukimi bench cachestore` measures): a load is one
+prefix BatchGet (the leading run of present blocks, leased) and the reads; a store is one BatchPutStart and the
+writes; put ends and lease releases ride on the next call. Block bytes move through the transfer engine. Any
+failure to reach the pool degrades to computing the whole prompt: the pool is an accelerator, never a dependency.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import torch
 from tsukimi.common.block_keys import block_keys
 from tsukimi.common.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, KVLayout
+from tsukimi.common.pool_client import PoolClient
+from tsukimi.common.pool_session import PoolSession
 from tsukimi.model.kv import join_blocks, layout_of, split_blocks
-from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
-from tsukimi.transfer.batch import Op, Status, TransferRequest
 from tsukimi.transfer.engine import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,9 @@ class PrefixCache:
         # Cachestore instance whose API `_address` is (the pool master), when followed through heartbeats.
         self._master_id = ""
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.CacheStoreStub | None = None
-        # Calls nobody waits for (lease releases), kept until done.
+        self._session: PoolSession | None = None
+        self._client: PoolClient | None = None
+        # Retirements of the clients of masters no longer followed, kept until done.
         self._pending: set[asyncio.Task] = set()
 
     def use(self, address: str) -> None:
@@ -48,14 +51,17 @@ class PrefixCache:
             return
         self._address = address
         if self._channel is not None:
-            # NOTE: calls under way on the old channel end with it (as failed lookups or stores).
-            self._spawn(self._channel.close())
-        self._channel = grpc.aio.insecure_channel(address) if address else None
-        self._stub = pb_grpc.CacheStoreStub(self._channel) if address else None
+            # NOTE: operations under way on the old master end with its channel (as failed loads or stores).
+            self._spawn(self._retire(self._client, self._session, self._channel))
+        self._channel = self._session = self._client = None
+        if address:
+            self._channel = grpc.aio.insecure_channel(address)
+            self._session = PoolSession(pb_grpc.CacheStoreStub(self._channel))
+            self._client = PoolClient(self._session, self.transfer, rpc_timeout_s=RPC_TIMEOUT_S)
 
     @property
     def is_available(self) -> bool:
-        return self._stub is not None
+        return self._client is not None
 
     def follow(self, beat: Heartbeat) -> None:
         """Follows the pool master through cachestore heartbeats: metadata calls go to the master, and any
@@ -73,118 +79,90 @@ class PrefixCache:
             self.use("")
 
     async def close(self) -> None:
+        """Sends the put ends and releases still pending and closes the channel."""
+        self.use("")
         if self._pending:
-            await asyncio.wait(self._pending, timeout=RPC_TIMEOUT_S)
-        if self._channel is not None:
-            await self._channel.close()
-
-    async def load(self, prompt: list[int], block_layout: KVLayout
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """KV of the longest cached prefix of `prompt` (whole blocks, leaving at least one token to compute),
-        or None."""
-        if self._stub is None:
-            return None
-        keys = block_keys(prompt, self.block_tokens, self.model)[: (len(prompt) - 1) // self.block_tokens]
-        if not keys:
-            return None
-        try:
-            found = await self._stub.Lookup(pb.LookupRequest(keys=keys), timeout=RPC_TIMEOUT_S)
-            num = found.num_leading
-            if num == 0:
-                return None
-            gets = list((await self._stub.BatchGet(pb.KeysRequest(keys=keys[:num]), timeout=RPC_TIMEOUT_S)).gets)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("cache lookup failed, computing the whole prompt: %s", exc.code().name)
-            return None
-        num = next((i for i, g in enumerate(gets) if not g.found), len(gets))
-        size = block_layout.num_bytes
-        staging = np.empty(num * size, dtype=np.uint8)
-        local = self.transfer.register(staging)
-        try:
-            requests = []
-            for i, got in enumerate(gets[:num]):
-                replica = got.replicas[0]
-                requests.append(TransferRequest(Op.READ, local, i * size, replica.segment, replica.buffer_id,
-                                                replica.offset, size))
-            statuses = await self.transfer.wait(await self.transfer.submit(requests)) if requests else []
-        finally:
-            self.transfer.unregister(local)
-            # NOTE: nobody waits for the release (the bytes are ours now); leases expire anyway if it is lost.
-            self._spawn(self._release(keys, gets))
-        good = 0
-        for i, st in enumerate(statuses):
-            block = staging[i * size:(i + 1) * size]
-            if st.status != Status.COMPLETED or block_checksum(block) != gets[i].checksum:
-                log.warning("cached block %d unusable (%s); using %d blocks", i, st.error or "checksum", good)
-                if st.status == Status.COMPLETED:
-                    await self._drop(keys[i], gets[i].replicas[0])  # a miss, and that copy is bad
-                break
-            good += 1
-        if good == 0:
-            return None
-        return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(good)])
-
-    async def _drop(self, key: bytes, replica) -> None:
-        try:
-            await self._stub.DropReplica(pb.DropReplicaRequest(key=key, replica=replica), timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError:
-            pass
+            await asyncio.wait(self._pending, timeout=2 * RPC_TIMEOUT_S)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def _release(self, keys, gets) -> None:
-        releases = [pb.ReleaseRequest(key=k, lease_id=g.lease_id) for k, g in zip(keys, gets) if g.found]
+    @staticmethod
+    async def _retire(client: PoolClient | None, session: PoolSession | None, channel: grpc.aio.Channel) -> None:
         try:
-            await self._stub.BatchRelease(pb.BatchReleaseRequest(releases=releases), timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError:
-            pass  # NOTE: leases expire by themselves.
+            if client is not None:
+                await client.close()  # NOTE: waits for its operations, then sends what they left behind.
+        finally:
+            if session is not None:
+                await session.close()
+            await channel.close()
+
+    async def load(self, prompt: list[int], block_layout: KVLayout
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """KV of the longest cached prefix of `prompt` (whole blocks, leaving at least one token to compute),
+        or None."""
+        client = self._client
+        if client is None:
+            return None
+        keys = block_keys(prompt, self.block_tokens, self.model)[: (len(prompt) - 1) // self.block_tokens]
+        if not keys:
+            return None
+        size = block_layout.num_bytes
+        staging = np.empty(len(keys) * size, dtype=np.uint8)
+        # NOTE: shielded: a cancelled caller leaves the reads to finish before the buffer is withdrawn.
+        read = await asyncio.shield(self._read(client, keys, staging, size))
+        if read is None:
+            return None
+        # NOTE: a block that failed its read or checksum ends the usable prefix (PoolClient logs and drops it).
+        num = next((i for i, ok in enumerate(read) if not ok), len(read))
+        if num == 0:
+            return None
+        return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(num)])
+
+    async def _read(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, size: int
+                    ) -> list[bool] | None:
+        local = self.transfer.register(staging)
+        try:
+            return await client.get_many(keys, local, [i * size for i in range(len(keys))], [size] * len(keys),
+                                         verify=True, is_prefix=True)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache lookup failed, computing the whole prompt: %s", exc.code().name)
+            return None
+        finally:
+            self.transfer.unregister(local)
 
     async def store(self, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]], num_cached_blocks: int
                     ) -> int:
-        """Stores the full blocks of `prompt` after the first `num_cached_blocks`; returns how many it stored."""
-        if self._stub is None:
+        """Stores the full blocks of `prompt` after the first `num_cached_blocks`; returns how many it stored
+        (they become visible with their put end, on the next call or within the client's linger)."""
+        client = self._client
+        if client is None:
             return 0
         keys = block_keys(prompt, self.block_tokens, self.model)
         blocks = split_blocks(kv, self.block_tokens)[num_cached_blocks:len(keys)]
         keys = keys[num_cached_blocks:]
         if not keys:
             return 0
-        datas = [block.numpy() for block in blocks]
+        size = blocks[0].numel()
+        staging = torch.cat(blocks).numpy()
+        offsets = [i * size for i in range(len(keys))]
+        checksums = [block_checksum(staging[o:o + size]) for o in offsets]
+        return await asyncio.shield(self._write(client, keys, staging, offsets, size, checksums))
+
+    async def _write(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, offsets: list[int],
+                     size: int, checksums: list[str]) -> int:
+        local = self.transfer.register(staging, read_only=True)
         try:
-            started = (await self._stub.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(
-                key=k, size=d.nbytes, checksum=block_checksum(d), num_replicas=1) for k, d in zip(keys, datas)]),
-                timeout=RPC_TIMEOUT_S)).puts
+            # NOTE: blocks the pool holds already (or had no room for) come back False: nothing written.
+            written = await client.put_many(keys, local, offsets, [size] * len(keys), checksums)
         except grpc.aio.AioRpcError as exc:
             log.info("cache puts refused: %s", exc.details())
             return 0
-        # Blocks that exist already (or did not fit) come back without replicas: nothing to write.
-        todo = [(k, d, p.replicas[0]) for k, d, p in zip(keys, datas, started) if p.replicas]
-        if not todo:
-            return 0
-        locals_ = [self.transfer.register(d, read_only=True) for _, d, _ in todo]
-        try:
-            statuses = await self.transfer.wait(await self.transfer.submit([
-                TransferRequest(Op.WRITE, local, 0, r.segment, r.buffer_id, r.offset, d.nbytes)
-                for local, (_, d, r) in zip(locals_, todo)]))
         finally:
-            for local in locals_:
-                self.transfer.unregister(local)
-        written = [k for (k, _, _), st in zip(todo, statuses) if st.status == Status.COMPLETED]
-        failed = [k for (k, _, _), st in zip(todo, statuses) if st.status != Status.COMPLETED]
-        try:
-            if written:
-                await self._stub.BatchPutEnd(pb.KeysRequest(keys=written), timeout=RPC_TIMEOUT_S)
-            if failed:
-                log.warning("%d KV blocks could not be written to the pool; revoked", len(failed))
-                await self._stub.BatchPutRevoke(pb.KeysRequest(keys=failed), timeout=RPC_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            log.warning("finishing cache puts failed: %s", exc.code().name)
-            return 0
-        num_stored = len(written)
-        return num_stored
+            self.transfer.unregister(local)
+        return sum(written)
 
 
 def block_layout_of(kv: list[tuple[torch.Tensor, torch.Tensor]], block_tokens: int) -> KVLayout:

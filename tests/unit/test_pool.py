@@ -123,3 +123,18 @@ async def test_coalesced_events_go_out_as_one_message_and_a_snapshot_flushes_the
     assert snapshot.seq == 2 and [r.key for r in snapshot.replicas] == [K[1]]
     await asyncio.sleep(0.1)
     assert len(events) == 2  # the timer of the flushed message sends nothing more
+
+
+async def test_a_prefix_get_stops_at_the_first_miss_and_leases_nothing_after_it(setup):
+    pool, dram, ssd, events = setup
+    await put(pool, dram, K[0])
+    await put(pool, dram, K[2])
+    found = await pool.get([K[0], K[1], K[2]], is_prefix=True)
+    assert [f is not None for f in found] == [True, False, False]
+    # K2 was leased by the lookup and given back: it can be removed, K0 (still leased) cannot.
+    assert await pool.remove([K[2], K[0]]) == [True, False]
+    await pool.release([(K[0], found[0][1])])
+    assert await pool.remove([K[0]]) == [True]
+    # Without is_prefix every present key is answered.
+    await put(pool, dram, K[2])
+    assert [f is not None for f in await pool.get([K[0], K[1], K[2]])] == [False, False, True]

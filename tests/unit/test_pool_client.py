@@ -200,8 +200,9 @@ async def test_callers_stopping_mid_pipeline_leave_nothing_behind(env):
     await asyncio.gather(*gets, return_exceptions=True)
     await c.close()
     assert leased(env.master) == set()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
         await env.put(c, range(1))
+    assert refused.value.code() == grpc.StatusCode.CANCELLED
 
 
 async def test_a_corrupt_replica_is_reported_and_dropped(env):

@@ -129,7 +129,9 @@ class PoolClient:
         """Runs an operation to its end even when the caller is cancelled meanwhile."""
         if self._closed:
             coro.close()
-            raise RuntimeError("the pool client is closed")
+            # NOTE: as a closed PoolSession fails: a caller handles one kind of error for "the pool cannot be asked".
+            raise grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the pool client is closed")
         return await asyncio.shield(self._spawn(coro))
 
     async def put_many(self, keys: Sequence[bytes], local: LocalBuffer, offsets: Sequence[int],
@@ -172,15 +174,17 @@ class PoolClient:
         return written
 
     async def get_many(self, keys: Sequence[bytes], local: LocalBuffer, offsets: Sequence[int],
-                       sizes: Sequence[int], verify: bool = True) -> list[bool]:
+                       sizes: Sequence[int], verify: bool = True, is_prefix: bool = False) -> list[bool]:
         """Reads the blocks of `keys` into `offsets` of `local`; per key, True when it was read whole (and, with
         `verify`, matched its checksum; a replica that does not is dropped from the pool). A block of another
-        size than `sizes` says is not read. The leases are given back on the next call (at most `linger_s`
-        later). Raises grpc.aio.AioRpcError when the pool master cannot be asked."""
-        return await self._run(self._get_many(keys, local, offsets, sizes, verify))
+        size than `sizes` says is not read. With `is_prefix`, only the leading run of blocks the pool holds is
+        read (a chained prefix: nothing after its first gap). The leases are given back on the next call (at
+        most `linger_s` later). Raises grpc.aio.AioRpcError when the pool master cannot be asked."""
+        return await self._run(self._get_many(keys, local, offsets, sizes, verify, is_prefix))
 
-    async def _get_many(self, keys, local, offsets, sizes, verify) -> list[bool]:
-        gets = (await self._call(self.stub.BatchGet, pb.KeysRequest(keys=keys, done=self._take_done()))).gets
+    async def _get_many(self, keys, local, offsets, sizes, verify, is_prefix) -> list[bool]:
+        request = pb.KeysRequest(keys=keys, done=self._take_done(), is_prefix=is_prefix)
+        gets = (await self._call(self.stub.BatchGet, request)).gets
         requests, indices, leases = [], [], []
         ok = [False] * len(keys)
         read = Op.READ
