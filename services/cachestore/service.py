@@ -29,6 +29,7 @@ from tsukimi.cachestore.master import PoolMaster
 from tsukimi.cachestore.member import LocalMember, MemberError, MemberServicer, RemoteMember
 from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
+from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.cachestore.ssd_tier import SsdTier
 from tsukimi.common import bus, subjects
 from tsukimi.common.messages import Heartbeat, PoolEvents, decode, encode
@@ -270,6 +271,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     if grpc_port == 0:
         raise RuntimeError(f"cannot bind gRPC to {settings.host}:{settings.cachestore_grpc_port}")
     await server.start()
+    lane = None
+    if settings.cachestore_lane_port >= 0:
+        lane = SessionLane(servicer, settings.secret_bytes(), settings.host, settings.cachestore_lane_port)
+        await lane.start()
+        servicer.lane_address = f"{settings.kv_host}:{lane.port}"
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     metrics.UP.set(1)
     mastership = Mastership(settings, nc, instance_id, uuid.uuid4().hex, local, servicer)
@@ -281,8 +287,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         return nc.is_connected and not stop.is_set(), details
 
     probe = ProbeServer(service=KIND, health=_health, host=settings.host, port=settings.metrics_port).start()
-    log.info("cachestore %s up: gRPC on %s:%d, probes on %d, SSD tier %s", instance_id, settings.host, grpc_port,
-             probe.port, ssd.directory if ssd else "off")
+    log.info("cachestore %s up: gRPC on %s:%d, session lane %s, probes on %d, SSD tier %s", instance_id,
+             settings.host, grpc_port, lane.port if lane else "off", probe.port, ssd.directory if ssd else "off")
 
     try:
         # Ends with the is_leaving heartbeat once `stop` is set.
@@ -299,6 +305,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         metrics.UP.set(0)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(GRPC_GRACE_S)
+        if lane is not None:
+            await lane.close()
         probe.stop()
         await transfer.close()
         if ssd is not None:

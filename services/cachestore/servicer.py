@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -45,6 +46,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self.pool = pool
         # Instance id of the master when it is not us (for the refusal message).
         self.master_hint = ""
+        # host:port of this instance's session lane (SessionLane); "" when it offers none.
+        self.lane_address = ""
         self._num_evictions = 0
         self._num_expired_puts = 0
 
@@ -284,36 +287,49 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     # ---- sessions ----------------------------------------------------------------------------------------
 
     async def Session(self, request_iterator, context):
-        """The batch calls as messages of one stream, each answered in order by the unary call's own handler
-        (timed under its name; a refusal aborts the stream with that call's status). NOTE: what a put start's
-        `done` carries, and the releases a get's carries, change nothing in that call's answer: they are applied
-        right after the reply has gone (off the client's wait), before the next message is read; the put ends a
-        get carries are applied before it, as a reader may ask for what it has just put."""
+        """The batch calls as messages of one stream, each answered in order by `answer` (a refusal aborts the
+        stream with that call's status)."""
         async for request in request_iterator:
-            op = request.WhichOneof("op")
-            if op == "put_start":
-                # NOTE: answers are built in place in the reply (no copy of a built message into it).
-                reply = pb.SessionReply(id=request.id)
-                await self.SessionPutStart(request.put_start, context, reply.put_start)
-                yield reply
-                await self._done(request.put_start)
-            elif op == "get":
-                get = request.get
-                releases = None
-                if get.HasField("done") and get.done.releases:
-                    releases = [(r.key, r.lease_id) for r in get.done.releases]
-                    get.done.ClearField("releases")
-                reply = pb.SessionReply(id=request.id)
-                await self.SessionGet(get, context, reply.get)
-                yield reply
-                if releases and self.pool is not None:
-                    await self.pool.release(releases)
-            elif op == "put_end":
-                yield pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context))
-            elif op == "put_revoke":
-                yield pb.SessionReply(id=request.id, empty=await self.BatchPutRevoke(request.put_revoke, context))
-            else:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session request {request.id} has no operation")
+            reply, after = await self.answer(request, context)
+            yield reply
+            if after is not None:
+                await after()
+
+    async def SessionLane(self, request, context):
+        """Answered by any instance (not only the master): where its lane is."""
+        return pb.SessionLaneReply(address=self.lane_address)
+
+    async def answer(self, request: pb.SessionRequest, context) -> tuple[pb.SessionReply, Callable | None]:
+        """One session message (gRPC stream or session lane): its reply, built by the unary call's own handler
+        (timed under its name; a refusal is `context.abort`), and the work to apply once the reply has gone
+        (None: nothing), before the next message is read. NOTE: what a put start's `done` carries, and the
+        releases a get's carries, change nothing in that call's answer: they are applied after its reply (off
+        the client's wait); the put ends a get carries are applied before it, as a reader may ask for what it
+        has just put."""
+        op = request.WhichOneof("op")
+        if op == "put_start":
+            # NOTE: answers are built in place in the reply (no copy of a built message into it).
+            reply = pb.SessionReply(id=request.id)
+            await self.SessionPutStart(request.put_start, context, reply.put_start)
+            return reply, functools.partial(self._done, request.put_start)
+        if op == "get":
+            get = request.get
+            releases = None
+            if get.HasField("done") and get.done.releases:
+                releases = [(r.key, r.lease_id) for r in get.done.releases]
+                get.done.ClearField("releases")
+            reply = pb.SessionReply(id=request.id)
+            await self.SessionGet(get, context, reply.get)
+            return reply, (functools.partial(self._release, releases) if releases else None)
+        if op == "put_end":
+            return pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context)), None
+        if op == "put_revoke":
+            return pb.SessionReply(id=request.id, empty=await self.BatchPutRevoke(request.put_revoke, context)), None
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session request {request.id} has no operation")
+
+    async def _release(self, releases: list[tuple[bytes, int]]) -> None:
+        if self.pool is not None:
+            await self.pool.release(releases)
 
     # ---- stats -------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Prefill's use of the KV cache pool: load the longest cached prefix of a prompt, store the blocks it computed.
 
-Through `PoolClient` over a `PoolSession` (the calls `tsukimi bench cachestore` measures): a load is one
+Through `PoolClient` over a `PoolSession` (the calls `tsukimi bench cachestore` measures; on the master's
+session lane when given the cluster secret): a load is one
 prefix BatchGet (the leading run of present blocks, leased) and the reads; a store is one BatchPutStart and the
 writes; put ends and lease releases ride on the next call. Block bytes move through the transfer engine. Any
 failure to reach the pool degrades to computing the whole prompt: the pool is an accelerator, never a dependency.
@@ -32,8 +33,10 @@ RPC_TIMEOUT_S = 2.0
 class PrefixCache:
     """Loads and stores KV blocks of prompts for one model."""
 
-    def __init__(self, transfer: TransferEngine, model: str, block_tokens: int):
+    def __init__(self, transfer: TransferEngine, model: str, block_tokens: int, secret: bytes | None = None):
+        """`secret`: the cluster secret, for the pool master's session lane (None: its gRPC stream)."""
         self.transfer = transfer
+        self._secret = secret
         self.model = model
         self.block_tokens = block_tokens
         self._address = ""
@@ -56,7 +59,7 @@ class PrefixCache:
         self._channel = self._session = self._client = None
         if address:
             self._channel = grpc.aio.insecure_channel(address)
-            self._session = PoolSession(pb_grpc.CacheStoreStub(self._channel))
+            self._session = PoolSession(pb_grpc.CacheStoreStub(self._channel), self._secret)
             self._client = PoolClient(self._session, self.transfer, rpc_timeout_s=RPC_TIMEOUT_S)
 
     @property

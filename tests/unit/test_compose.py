@@ -165,6 +165,8 @@ def test_service_ports_are_exposed(monkeypatch: pytest.MonkeyPatch) -> None:
             wanted.add(settings.kv_port)
         if name == "cachestore":
             wanted.add(settings.cachestore_grpc_port)
+            assert settings.cachestore_lane_port > 0, "a fixed session lane port, to expose"
+            wanted.add(settings.cachestore_lane_port)
         published = {int(str(p).split(":")[-1]) for p in svc.get("ports", [])}
         declared = published | {int(p) for p in svc.get("expose", [])}
         image = {int(p) for line in _instructions(_dockerfile(svc), "EXPOSE") for p in line.split()}

@@ -13,6 +13,7 @@ from tsukimi.cachestore.master import PoolMaster
 from tsukimi.cachestore.member import LocalMember
 from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
+from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.common.checksum import block_checksum
 from tsukimi.common.pool_client import PoolClient
 from tsukimi.common.pool_session import PoolSession
@@ -27,12 +28,14 @@ KEYS = [bytes([i]) * 32 for i in range(NUM)]
 
 
 class CountingStub:
-    """The real stub, counting calls per method; `delay[method]` seconds before a call goes out."""
+    """The real stub, counting calls per method; `delay[method]` seconds before a call goes out. Over a session,
+    `transports` collects how its answered calls went ("lane" or "grpc")."""
 
     def __init__(self, stub):
         self._stub = stub
         self.calls: dict[str, int] = {}
         self.delay: dict[str, float] = {}
+        self.transports: set[str] = set()
 
     def __getattr__(self, name):
         method = getattr(self._stub, name)
@@ -41,12 +44,15 @@ class CountingStub:
             self.calls[name] = self.calls.get(name, 0) + 1
             if name in self.delay:
                 await asyncio.sleep(self.delay[name])
-            return await method(request, **kwargs)
+            reply = await method(request, **kwargs)
+            if isinstance(self._stub, PoolSession) and self._stub.transport:
+                self.transports.add(self._stub.transport)
+            return reply
 
         return call
 
 
-@pytest.fixture(params=["unary", "session"])
+@pytest.fixture(params=["unary", "session", "lane"])
 async def env(request):
     metadata = MemoryMetadataStore()
     store_engine = await TransferEngine("pool", b"s", metadata, transports=("shm",)).start()
@@ -66,8 +72,12 @@ async def env(request):
     back = np.zeros_like(data)
     src, dst = engine.register(data, read_only=True), engine.register(back)
     raw_stub = pb_grpc.CacheStoreStub(channel)
-    # Every test runs with the batch calls as unary calls and as messages of a session.
-    session = PoolSession(raw_stub) if request.param == "session" else None
+    lane = None
+    if request.param == "lane":
+        lane = await SessionLane(servicer, b"s", "127.0.0.1", 0).start()
+        servicer.lane_address = f"127.0.0.1:{lane.port}"
+    # Every test runs with the batch calls as unary calls, as messages of a gRPC session, and on the session lane.
+    session = {"unary": None, "session": PoolSession(raw_stub), "lane": PoolSession(raw_stub, b"s")}[request.param]
     stub = CountingStub(session or raw_stub)
     sums = [block_checksum(data[i * BLOCK:(i + 1) * BLOCK]) for i in range(NUM)]
 
@@ -93,7 +103,11 @@ async def env(request):
     e.servicer, e.pool, e.session, e.server = servicer, pool, session, server
     yield e
     if session is not None:
+        # The lane variant really used the lane (a fallback to the gRPC stream would make it a repeat of "session").
+        assert stub.transports == ({"lane"} if lane else {"grpc"}) or not stub.transports
         await session.close()
+    if lane is not None:
+        await lane.close()
     await channel.close()
     await server.stop(None)
     await engine.close()

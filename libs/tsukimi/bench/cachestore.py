@@ -2,7 +2,8 @@
 the transfer engine) through `PoolClient`, against a cachestore process it starts. Output keys match
 `bench/mooncake_store.py`. `--inflight N` keeps up to N batches under way at once (pipelining: the next batch's
 metadata call overlaps this batch's copies); the default, 1, runs the batches one after the other. The batch calls
-go as messages of one `CacheStore.Session` stream (`PoolSession`); `--unary` makes each a call of its own."""
+go as messages of one `CacheStore.Session` stream (`PoolSession`), on the pool's session lane unless `--no-lane`;
+`--unary` makes each a call of its own."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transport", choices=("shm", "tcp"), default="shm")
     parser.add_argument("--unary", action="store_true",
                         help="each batch call a unary gRPC call (default: messages of one session stream)")
+    parser.add_argument("--no-lane", action="store_true",
+                        help="session messages on the gRPC stream (default: the pool's session lane)")
     parser.add_argument("--json", action="store_true")
 
 
@@ -82,7 +85,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     def keys_of(gen: int) -> list[bytes]:
         return [gen.to_bytes(4, "big") + i.to_bytes(28, "big") for i in range(args.num_blocks)]
 
-    session = None if args.unary else PoolSession(stub)
+    session = None if args.unary else PoolSession(stub, None if args.no_lane else secret.encode())
     client = PoolClient(session or stub, engine, rpc_timeout_s=10.0)
     sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
 
@@ -154,6 +157,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     elapsed = time.monotonic() - started
     results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
     await client.close()
+    # How the session's messages went ("lane" or "grpc"), read before it closes.
+    calls = "unary" if session is None else f"session ({session.transport})"
     if session is not None:
         await session.close()
     stats = await stub.Stats(pb.Empty())
@@ -164,7 +169,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
                  batch=args.batch, batch_size=group, inflight=args.inflight,
-                 calls="unary" if args.unary else "session", ops_per_s=round(r["ops_per_s"], 1),
+                 calls=calls, ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:
             r["remove_s"] = round(r["remove_s"], 3)

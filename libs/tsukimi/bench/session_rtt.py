@@ -1,6 +1,7 @@
 """Round trips of `CacheStore.Session` messages between two processes, with grpc's defaults and with the settings
-tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved: what one metadata call of the pool costs on
-the wire and in grpc, before any pool work (the server answers empty put ends and gets of unknown keys).
+tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved, and the same messages on the session lane
+(`lane_*`, no gRPC): what one metadata call of the pool costs on the wire and in grpc, before any pool work (the
+server answers empty put ends and gets of unknown keys).
 
     python -m tsukimi.bench.session_rtt [--rounds 3] [--num 3000] [--json]
 """
@@ -20,6 +21,8 @@ from importlib import metadata
 from tsukimi.common import grpc_defaults
 from tsukimi.common.natsserver import free_port
 
+_SECRET = b"session-rtt"
+
 
 async def _serve(port: int) -> None:
     import grpc
@@ -29,10 +32,15 @@ async def _serve(port: int) -> None:
     from tsukimi.cachestore.servicer import CacheStoreServicer
     from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
+    from tsukimi.cachestore.session_lane import SessionLane
+
     server = grpc.aio.server()
-    pb_grpc.add_CacheStoreServicer_to_server(CacheStoreServicer(Pool(PoolMaster())), server)
+    servicer = CacheStoreServicer(Pool(PoolMaster()))
+    pb_grpc.add_CacheStoreServicer_to_server(servicer, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    lane = await SessionLane(servicer, _SECRET, "127.0.0.1", 0).start()
+    servicer.lane_address = f"127.0.0.1:{lane.port}"
     print("ready", flush=True)
     await server.wait_for_termination()
 
@@ -45,18 +53,21 @@ async def _measure(port: int, num: int) -> dict:
     from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    session = PoolSession(pb_grpc.CacheStoreStub(channel))
+    stub = pb_grpc.CacheStoreStub(channel)
     keys = [bytes([i]) * 32 for i in range(32)]
     result = {}
-    for label, call in (("empty_us", lambda: session.BatchPutEnd(pb.KeysRequest(), 5.0)),
-                        ("get_32_misses_us", lambda: session.BatchGet(pb.KeysRequest(keys=keys), 5.0))):
-        for _ in range(num // 10):
-            await call()
-        started = time.perf_counter()
-        for _ in range(num):
-            await call()
-        result[label] = round(1e6 * (time.perf_counter() - started) / num, 1)
-    await session.close()
+    for prefix, secret in (("", None), ("lane_", _SECRET)):
+        session = PoolSession(stub, secret)
+        for label, call in (("empty_us", lambda: session.BatchPutEnd(pb.KeysRequest(), 5.0)),
+                            ("get_32_misses_us", lambda: session.BatchGet(pb.KeysRequest(keys=keys), 5.0))):
+            for _ in range(num // 10):
+                await call()
+            started = time.perf_counter()
+            for _ in range(num):
+                await call()
+            result[prefix + label] = round(1e6 * (time.perf_counter() - started) / num, 1)
+        assert session.transport == ("lane" if secret else "grpc"), session.transport
+        await session.close()
     await channel.close()
     return result
 
@@ -104,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"grpc_experiments": tuned, "median": medians, "samples": samples}))
     else:
         for name, m in medians.items():
-            print(f"{name:14} empty {m['empty_us']:.0f} us, get of 32 unknown keys {m['get_32_misses_us']:.0f} us")
+            print(f"{name:14} gRPC stream: empty {m['empty_us']:.0f} us, get of 32 unknown keys "
+                  f"{m['get_32_misses_us']:.0f} us; session lane: {m['lane_empty_us']:.0f} us, "
+                  f"{m['lane_get_32_misses_us']:.0f} us")
     return 0
 
 

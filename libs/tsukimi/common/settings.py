@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     kv_port: int = Field(0, ge=0, le=65535)
     # Port of the cachestore's gRPC API.
     cachestore_grpc_port: int = Field(50051, ge=0, le=65535)
+    # Port of the cachestore's session lane (the Session's messages without gRPC); 0 picks a free port, -1: none.
+    cachestore_lane_port: int = Field(0, ge=-1, le=65535)
     # Seconds between two heartbeats of an instance.
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # Seconds without a heartbeat after which an instance is dropped from scheduling.

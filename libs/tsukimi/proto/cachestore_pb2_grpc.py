@@ -134,6 +134,11 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.FromString,
                 _registered_method=True)
+        self.SessionLane = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/SessionLane',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionLaneReply.FromString,
+                _registered_method=True)
 
 
 class CacheStoreServicer:
@@ -261,6 +266,12 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SessionLane(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +374,11 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.Session,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.SerializeToString,
+            ),
+            'SessionLane': grpc.unary_unary_rpc_method_handler(
+                    servicer.SessionLane,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.Empty.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionLaneReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -905,6 +921,33 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/Session',
             tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.SessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SessionLane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/SessionLane',
+            tsukimi_dot_proto_dot_cachestore__pb2.Empty.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.SessionLaneReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,31 +69,73 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         received += got
 
 
-def server_handshake(sock: socket.socket, secret: bytes) -> None:
-    """Authenticates a client; raises AuthError (after telling it) when it fails."""
+# The handshake's steps without I/O (the same for blocking sockets and asyncio streams); `magic` names the
+# protocol that follows (the transfer engine's, or the cache pool's session lane).
+
+def _hello(magic: bytes) -> tuple[bytes, bytes]:
+    """(server nonce, the server's first message)."""
     nonce_s = os.urandom(NONCE_BYTES)
-    sock.sendall(MAGIC + bytes([VERSION]) + nonce_s)
-    reply = recv_exact(sock, NONCE_BYTES + 32)
+    return nonce_s, magic + bytes([VERSION]) + nonce_s
+
+
+def _answer_hello(secret: bytes, hello: bytes, magic: bytes) -> tuple[bytes, bytes, bytes]:
+    """(client nonce, server nonce, the client's proof message) for a server's hello."""
+    if hello[:len(magic)] != magic or hello[len(magic)] != VERSION:
+        raise AuthError(f"peer does not speak {magic.decode(errors='replace')} version {VERSION}")
+    nonce_s = hello[len(magic) + 1:]
+    nonce_c = os.urandom(NONCE_BYTES)
+    return nonce_c, nonce_s, nonce_c + _mac(secret, b"C", nonce_s, nonce_c)
+
+
+def _check_client(secret: bytes, nonce_s: bytes, reply: bytes) -> tuple[bool, bytes]:
+    """(whether the client proved the secret, the server's last message)."""
     nonce_c, proof = reply[:NONCE_BYTES], reply[NONCE_BYTES:]
     if not hmac.compare_digest(proof, _mac(secret, b"C", nonce_s, nonce_c)):
-        sock.sendall(bytes([STATUS_REFUSED]) + bytes(32))
-        raise AuthError("client failed authentication")
-    sock.sendall(bytes([STATUS_OK]) + _mac(secret, b"S", nonce_c, nonce_s))
+        return False, bytes([STATUS_REFUSED]) + bytes(32)
+    return True, bytes([STATUS_OK]) + _mac(secret, b"S", nonce_c, nonce_s)
 
 
-def client_handshake(sock: socket.socket, secret: bytes) -> None:
-    """Authenticates to a server and checks that the server holds the secret too."""
-    hello = recv_exact(sock, len(MAGIC) + 1 + NONCE_BYTES)
-    if hello[:4] != MAGIC or hello[4] != VERSION:
-        raise AuthError("peer is not a tsukimi transfer engine of this version")
-    nonce_s = hello[5:]
-    nonce_c = os.urandom(NONCE_BYTES)
-    sock.sendall(nonce_c + _mac(secret, b"C", nonce_s, nonce_c))
-    answer = recv_exact(sock, 33)
+def _check_server(secret: bytes, nonce_c: bytes, nonce_s: bytes, answer: bytes) -> None:
     if answer[0] != STATUS_OK:
         raise AuthError("server refused our credentials (cluster secret mismatch)")
     if not hmac.compare_digest(answer[1:], _mac(secret, b"S", nonce_c, nonce_s)):
         raise AuthError("server failed authentication")
+
+
+def server_handshake(sock: socket.socket, secret: bytes, magic: bytes = MAGIC) -> None:
+    """Authenticates a client; raises AuthError (after telling it) when it fails."""
+    nonce_s, hello = _hello(magic)
+    sock.sendall(hello)
+    is_ok, last = _check_client(secret, nonce_s, recv_exact(sock, NONCE_BYTES + 32))
+    sock.sendall(last)
+    if not is_ok:
+        raise AuthError("client failed authentication")
+
+
+def client_handshake(sock: socket.socket, secret: bytes, magic: bytes = MAGIC) -> None:
+    """Authenticates to a server and checks that the server holds the secret too."""
+    nonce_c, nonce_s, proof = _answer_hello(secret, recv_exact(sock, len(magic) + 1 + NONCE_BYTES), magic)
+    sock.sendall(proof)
+    _check_server(secret, nonce_c, nonce_s, recv_exact(sock, 33))
+
+
+async def server_handshake_async(reader, writer, secret: bytes, magic: bytes) -> None:
+    """`server_handshake` over asyncio streams; IncompleteReadError when the client leaves."""
+    nonce_s, hello = _hello(magic)
+    writer.write(hello)
+    is_ok, last = _check_client(secret, nonce_s, await reader.readexactly(NONCE_BYTES + 32))
+    writer.write(last)
+    await writer.drain()
+    if not is_ok:
+        raise AuthError("client failed authentication")
+
+
+async def client_handshake_async(reader, writer, secret: bytes, magic: bytes) -> None:
+    """`client_handshake` over asyncio streams; IncompleteReadError when the server leaves."""
+    hello = await reader.readexactly(len(magic) + 1 + NONCE_BYTES)
+    nonce_c, nonce_s, proof = _answer_hello(secret, hello, magic)
+    writer.write(proof)
+    _check_server(secret, nonce_c, nonce_s, await reader.readexactly(33))
 
 
 def send_all(sock: socket.socket, header: bytes, payload: memoryview) -> None:
