@@ -149,6 +149,8 @@ class PoolSession:
                     # would have the master act on an operation whose caller has been told it failed.
                     return answer.result()
                 call = await self._open(timeout)
+                if answer.done():
+                    return answer.result()  # NOTE: timed out while the stream was being opened: not sent.
                 try:
                     await call.write(request)
                 except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError, ConnectionError) as exc:
@@ -183,9 +185,11 @@ class PoolSession:
         host, port = address.rsplit(":", 1)
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.wait_for(wire.client_handshake_async(reader, writer, self._secret, lane.MAGIC), timeout)
+            # NOTE: connecting and the handshake share one time limit.
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await wire.client_handshake_async(reader, writer, self._secret, lane.MAGIC)
         except wire.AuthError as exc:
             writer.close()
             raise _error(grpc.StatusCode.UNAUTHENTICATED, f"the session lane at {address}: {exc}") from None
@@ -194,6 +198,10 @@ class PoolSession:
                 writer.close()
             log.warning("the session lane at %s cannot be used (%r); using the gRPC stream", address, exc)
             return None
+        except BaseException:  # NOTE: a cancelled caller leaves no half-open connection behind.
+            if writer is not None:
+                writer.close()
+            raise
         return _LaneCall(reader, writer)
 
     async def _read(self, call) -> None:

@@ -104,7 +104,7 @@ class TransferEngine:
         num_connections: int = 4,
         window: int = 16,
         slice_bytes: int = 1 << 20,
-        shm_slice_bytes: int = 8 << 20,
+        shm_slice_bytes: int = 1 << 20,
         timeout_s: float = 10.0,
         heartbeat_s: float | None = None,
         inline_copy_bytes: int = 4 << 20,
@@ -131,6 +131,8 @@ class TransferEngine:
         self._num_connections = num_connections
         self._window = window
         self._slice_bytes = slice_bytes
+        # NOTE: a shm request is cut into copies of at most this size, so that one large request is shared by the
+        # copy jobs too (a single 4 MiB pool get: 5.6-5.7 -> 6.1-6.4 GB/s with 1 MiB against 8 MiB here).
         self._shm_slice_bytes = shm_slice_bytes
         # A shm submission's share of at most this many bytes is copied by the submitting thread (see ShmPeer).
         self._inline_copy_bytes = inline_copy_bytes
