@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each batch call a unary gRPC call (default: messages of one session stream)")
     parser.add_argument("--no-lane", action="store_true",
                         help="session messages on the gRPC stream (default: the pool's session lane)")
+    parser.add_argument("--verify", action="store_true",
+                        help="timed gets verify each block's checksum, as the prefill's reads do")
     parser.add_argument("--json", action="store_true")
 
 
@@ -119,9 +121,9 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     async def get_round(keys: list[bytes], verify: bool = False) -> int:
         # A reader's calls per batch (`PoolClient.get_many`): BatchGet (carrying the previous batch's lease
         # releases), the READs; the last releases ride on the next round's first call (the timed rounds end with
-        # a flush of the very last ones, timed, as a reader's `close` would send them). NOTE: the timed rounds do
-        # not verify the blocks' checksums as a reader does (zlib.crc32 of 256 KiB takes ~70 us here: ~2.3 ms per
-        # batch of 32, more than the pool's own work); the untimed first round checks bytes and checksums.
+        # a flush of the very last ones, timed, as a reader's `close` would send them). NOTE: the timed rounds
+        # verify the blocks' checksums only with --verify (Mooncake Store's gets verify nothing); the untimed first
+        # round checks bytes and checksums.
         async def run_batch(idx: range) -> None:
             read = await client.get_many(keys[idx.start:idx.stop], dst, offsets[idx.start:idx.stop],
                                          sizes[idx.start:idx.stop], verify=verify)
@@ -152,7 +154,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     assert [block_checksum(back[i * size:(i + 1) * size]) for i in range(args.num_blocks)] == sums
     num, started = 0, time.monotonic()
     while time.monotonic() - started < args.duration:
-        num += await get_round(keys)
+        num += await get_round(keys, verify=args.verify)
     await client.flush()
     elapsed = time.monotonic() - started
     results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
@@ -168,7 +170,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     await nc.close()
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
-                 batch=args.batch, batch_size=group, inflight=args.inflight,
+                 batch=args.batch, batch_size=group, inflight=args.inflight, verify=args.verify,
                  calls=calls, ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:

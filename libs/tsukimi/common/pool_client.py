@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from tsukimi.common.checksum import block_checksum
+from tsukimi.common.checksum import checksum_matches
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.batch import Op, Status, TransferRequest
@@ -210,7 +210,7 @@ class PoolClient:
         if verify:
             array = local.array
             for i in indices:
-                if ok[i] and block_checksum(array[offsets[i]:offsets[i] + sizes[i]]) != gets[i].checksum:
+                if ok[i] and not checksum_matches(array[offsets[i]:offsets[i] + sizes[i]], gets[i].checksum):
                     ok[i] = False
                     log.warning("block %s failed its checksum; dropping that replica", keys[i].hex()[:16])
                     try:
