@@ -310,7 +310,13 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         if op == "put_start":
             # NOTE: answers are built in place in the reply (no copy of a built message into it).
             reply = pb.SessionReply(id=request.id)
-            await self.SessionPutStart(request.put_start, context, reply.put_start)
+            try:
+                await self.SessionPutStart(request.put_start, context, reply.put_start)
+            except BaseException:
+                # NOTE: a refused put start still ends the puts it carries (their bytes are written), as the
+                # unary call does before its own work.
+                await self._done(request.put_start)
+                raise
             return reply, functools.partial(self._done, request.put_start)
         if op == "get":
             get = request.get

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from tsukimi.cachestore.master import PoolMaster
-from tsukimi.cachestore.pool import Pool
+from tsukimi.cachestore.member import LocalMember
+from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.common import session_lane as lane_wire
@@ -20,6 +21,8 @@ from tsukimi.common.pool_session import PoolSession
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer import wire
+from tsukimi.transfer.engine import TransferEngine
+from tsukimi.transfer.metadata import MemoryMetadataStore
 
 SECRET = b"lane-secret"
 KEY = b"k" * 32
@@ -144,3 +147,23 @@ async def test_a_lane_that_goes_away_fails_waiting_operations_and_the_next_one_r
     finally:
         await session.close()
         await lane2.close()
+
+
+async def test_a_refused_put_start_still_ends_the_puts_it_carries(env):
+    servicer, lane, stub = env
+    engine = await TransferEngine("lane-pool", SECRET, MemoryMetadataStore(), transports=("shm",)).start()
+    dram = engine.allocate(1 << 20)
+    await servicer.pool.join("a", Instance(LocalMember(engine, dram, None), "lane-pool", dram.buffer_id),
+                             dram.length, 0)
+    session = PoolSession(stub, SECRET)
+    started = await session.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(
+        key=KEY, size=4096, checksum="xxh3:0", num_replicas=1)]), timeout=5)
+    assert started.puts[0].replicas
+    # The next put start is refused (no size), but carries the first one's end: that block becomes visible.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await session.BatchPutStart(pb.BatchPutStartRequest(puts=[pb.PutStartRequest(key=b"x" * 32)],
+                                                            done=pb.Done(put_end_keys=[KEY])), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert servicer.pool.master.exists(KEY)
+    await session.close()
+    await engine.close()
