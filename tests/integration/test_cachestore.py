@@ -172,8 +172,8 @@ async def _put_and_get_a_block_through_the_pool(nc, beat: Heartbeat) -> None:
 
 
 async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbeat) -> None:
-    """Prefill's pool client: blocks it stores load back; a block whose bytes no longer match its checksum
-    ends the usable prefix there and is dropped from the pool."""
+    """Prefill's pool client (on the master's session lane): blocks it stores load back; a block whose bytes no
+    longer match its checksum ends the usable prefix there and is dropped from the pool."""
     import uuid
 
     import numpy as np
@@ -188,13 +188,14 @@ async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbea
     from tsukimi.transfer.metadata import NatsMetadataStore
 
     engine = await TransferEngine("prefill-" + uuid.uuid4().hex[:6], SECRET, NatsMetadataStore(nc)).start()
-    cache = PrefixCache(engine, "demo", block_tokens=4)
+    cache = PrefixCache(engine, "demo", block_tokens=4, secret=SECRET)
     cache.use(beat.grpc_address)
     layout = KVLayout(num_layers=2, num_kv_heads=1, seq_len=4, head_dim=8, dtype="float32")
     prompt = list(range(13))  # 3 full blocks + 1 token
     kv = [(torch.randn(1, 1, 13, 8), torch.randn(1, 1, 13, 8)) for _ in range(2)]
     try:
         assert await cache.store(prompt, kv, num_cached_blocks=0) == 3
+        assert cache._session.transport == "lane"  # prefill's calls go over the master's session lane
         loaded = await cache.load(prompt, layout)
         assert loaded[0][0].shape[2] == 12 and torch.equal(loaded[1][1], kv[1][1][:, :, :12])
         # Corrupt the second block in the pool's memory (a one-sided write, as a failing disk or bug would).
