@@ -1,7 +1,8 @@
 """Round trips of `CacheStore.Session` messages between two processes, with grpc's defaults and with the settings
 tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved, and the same messages on the session lane
 (`lane_*`, no gRPC): what one metadata call of the pool costs on the wire and in grpc, before any pool work (the
-server answers empty put ends and gets of unknown keys).
+server answers empty put ends and gets of unknown keys), beside a 100-byte asyncio echo between the same two
+processes (the floor of any protocol on an asyncio loop; scripts/bench-loopback-rtt.sh gives the C one).
 
     python -m tsukimi.bench.session_rtt [--rounds 3] [--num 3000] [--json]
 """
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,9 +32,8 @@ async def _serve(port: int) -> None:
     from tsukimi.cachestore.master import PoolMaster
     from tsukimi.cachestore.pool import Pool
     from tsukimi.cachestore.servicer import CacheStoreServicer
-    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
-
     from tsukimi.cachestore.session_lane import SessionLane
+    from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
     server = grpc.aio.server()
     servicer = CacheStoreServicer(Pool(PoolMaster()))
@@ -41,21 +42,43 @@ async def _serve(port: int) -> None:
     await server.start()
     lane = await SessionLane(servicer, _SECRET, "127.0.0.1", 0).start()
     servicer.lane_address = f"127.0.0.1:{lane.port}"
-    print("ready", flush=True)
+    echo = await asyncio.get_running_loop().create_server(_Echo, "127.0.0.1", 0)
+    print(f"ready {echo.sockets[0].getsockname()[1]}", flush=True)
     await server.wait_for_termination()
 
 
-async def _measure(port: int, num: int) -> dict:
+class _Echo(asyncio.Protocol):
+    """Sends back what it receives: the asyncio floor under any protocol's round trip."""
+
+    def connection_made(self, transport) -> None:
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def _measure(port: int, echo_port: int, num: int) -> dict:
     import grpc
 
     from tsukimi.common.pool_session import PoolSession
     from tsukimi.proto import cachestore_pb2 as pb
     from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
+    result = {}
+    reader, writer = await asyncio.open_connection("127.0.0.1", echo_port)
+    writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    message = bytes(100)
+    for n in (num // 10, num):
+        started = time.perf_counter()
+        for _ in range(n):
+            writer.write(message)
+            await reader.readexactly(len(message))
+    result["asyncio_echo_us"] = round(1e6 * (time.perf_counter() - started) / num, 1)
+    writer.close()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = pb_grpc.CacheStoreStub(channel)
     keys = [bytes([i]) * 32 for i in range(32)]
-    result = {}
     for prefix, secret in (("", None), ("lane_", _SECRET)):
         session = PoolSession(stub, secret)
         for label, call in (("empty_us", lambda: session.BatchPutEnd(pb.KeysRequest(), 5.0)),
@@ -81,10 +104,12 @@ def _one(experiments: str | None, num: int) -> dict:
     server = subprocess.Popen([sys.executable, "-m", "tsukimi.bench.session_rtt", "--serve", str(port)], env=env,
                               stdout=subprocess.PIPE, text=True)
     try:
-        if server.stdout.readline().strip() != "ready":
+        ready = server.stdout.readline().split()
+        if not ready or ready[0] != "ready":
             raise RuntimeError("the session server did not start")
         out = subprocess.run([sys.executable, "-m", "tsukimi.bench.session_rtt", "--client", str(port),
-                              "--num", str(num)], env=env, capture_output=True, text=True, check=True)
+                              "--echo-port", ready[1], "--num", str(num)], env=env, capture_output=True, text=True,
+                             check=True)
         return json.loads(out.stdout)
     finally:
         server.terminate()
@@ -98,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(_serve(args.serve))
         return 0
     if args.client:
-        print(json.dumps(asyncio.run(_measure(args.client, args.num))))
+        print(json.dumps(asyncio.run(_measure(args.client, args.echo_port, args.num))))
         return 0
     tuned = grpc_defaults.experiments_for(metadata.version("grpcio"))
     samples: dict[str, list[dict]] = {"grpc_defaults": [], "tsukimi": []}
@@ -117,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in medians.items():
             print(f"{name:14} gRPC stream: empty {m['empty_us']:.0f} us, get of 32 unknown keys "
                   f"{m['get_32_misses_us']:.0f} us; session lane: {m['lane_empty_us']:.0f} us, "
-                  f"{m['lane_get_32_misses_us']:.0f} us")
+                  f"{m['lane_get_32_misses_us']:.0f} us; a 100-byte asyncio echo {m['asyncio_echo_us']:.0f} us")
     return 0
 
 
