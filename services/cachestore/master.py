@@ -320,8 +320,9 @@ class PoolMaster:
             return None
         return _dram_first(block.replicas), self._lease(block, self._deadline(self.lease_s))
 
-    def get_many(self, keys: list[bytes]) -> list[tuple[list[Replica], int, str] | None]:
-        """`get` of each key, in order, with the block's checksum: (replicas, lease id, checksum), None on a miss."""
+    def get_many(self, keys: list[bytes], is_prefix: bool = False) -> list[tuple[list[Replica], int, str] | None]:
+        """`get` of each key, in order, with the block's checksum: (replicas, lease id, checksum), None on a miss.
+        With `is_prefix`, every key from the first miss on is a miss (not leased)."""
         self._expire()
         until = self._deadline(self.lease_s)
         blocks = self._blocks
@@ -330,6 +331,9 @@ class PoolMaster:
             block = blocks.get(key)
             if block is None or not block.is_visible:
                 results.append(None)
+                if is_prefix:
+                    results += [None] * (len(keys) - len(results))
+                    break
                 continue
             results.append((_dram_first(block.replicas), self._lease(block, until), block.checksum))
         return results

@@ -146,9 +146,11 @@ class Pool:
         (not leased: a reader of a prefix cannot use a block after a gap)."""
         async with self._lock:
             # NOTE: every key is leased first, so a promotion below cannot evict a later key of the same batch.
-            results = self.master.get_many(keys)
+            results = self.master.get_many(keys, is_prefix)
             for i, found in enumerate(results):
                 if found is None:
+                    if is_prefix:
+                        break  # NOTE: the rest are misses, not leased: nothing after a gap is promoted.
                     continue
                 if found[0][0].tier != "dram":
                     # SSD only: promoted, then leased again right after, so the next key's promotion cannot
@@ -166,12 +168,13 @@ class Pool:
                     results[i] = None
                 elif len(drams) != len(found[0]):
                     results[i] = (drams, found[1], found[2])
-            if is_prefix and None in results:
-                first_miss = results.index(None)
-                for i in range(first_miss + 1, len(results)):
-                    if results[i] is not None:
-                        self.master.release(keys[i], results[i][1])
-                        results[i] = None
+                if is_prefix and results[i] is None:
+                    # A block that could not be had in DRAM ends the prefix: the later ones are given back.
+                    for j in range(i + 1, len(results)):
+                        if results[j] is not None:
+                            self.master.release(keys[j], results[j][1])
+                            results[j] = None
+                    break
             num_hits = sum(1 for r in results if r is not None)
             self.num_hits += num_hits
             self.num_misses += len(keys) - num_hits
