@@ -21,7 +21,7 @@ from tsukimi.common.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, KVLayout
 from tsukimi.common.pool_client import PoolClient
 from tsukimi.common.pool_session import PoolSession
-from tsukimi.model.kv import join_blocks, layout_of, split_blocks
+from tsukimi.model.kv import join_blocks, layout_of, to_blocks
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine
 
@@ -143,13 +143,16 @@ class PrefixCache:
         client = self._client
         if client is None:
             return 0
-        keys = block_keys(prompt, self.block_tokens, self.model)
-        blocks = split_blocks(kv, self.block_tokens)[num_cached_blocks:len(keys)]
-        keys = keys[num_cached_blocks:]
+        bt = self.block_tokens
+        keys = block_keys(prompt, bt, self.model)
+        keys = keys[num_cached_blocks:min(len(keys), kv[0][0].shape[2] // bt)]
         if not keys:
             return 0
-        size = blocks[0].numel()
-        staging = torch.cat(blocks).numpy()
+        start, end = num_cached_blocks * bt, (num_cached_blocks + len(keys)) * bt
+        # NOTE: the new full blocks packed straight into one staging buffer (one copy of the KV).
+        staging = to_blocks([(k[:, :, start:end], v[:, :, start:end]) for k, v in kv], bt).view(torch.uint8)
+        staging = staging.reshape(-1).numpy()
+        size = staging.nbytes // len(keys)
         offsets = [i * size for i in range(len(keys))]
         checksums = [block_checksum(staging[o:o + size]) for o in offsets]
         return await asyncio.shield(self._write(client, keys, staging, offsets, size, checksums))
