@@ -2,7 +2,7 @@
  * floor under any request/response protocol on the host (the cache pool's session lane, gRPC). Prints the mean
  * round trip in microseconds, two rounds.
  *
- *   scripts/bench-loopback-rtt.sh [ROUND_TRIPS]
+ *   scripts/bench-loopback.sh rtt [ROUND_TRIPS]
  */
 #include <netinet/in.h>
 #include <netinet/tcp.h>

@@ -3,7 +3,7 @@
  * copy on the sender). The receiver recv()s into a 8 MiB ring. Prints GB/s per way. Whether sending without
  * a copy lifts the loopback ceiling that bounds the transfer engine's tcp READ (issue 3).
  *
- *   scripts/bench-loopback-zerocopy.sh [MIB_PER_WAY]
+ *   scripts/bench-loopback.sh zerocopy [MIB_PER_WAY]
  */
 #define _GNU_SOURCE
 #include <fcntl.h>

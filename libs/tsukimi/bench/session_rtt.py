@@ -2,7 +2,7 @@
 tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved, and the same messages on the session lane
 (`lane_*`, no gRPC): what one metadata call of the pool costs on the wire and in grpc, before any pool work (the
 server answers empty put ends and gets of unknown keys), beside a 100-byte asyncio echo between the same two
-processes (the floor of any protocol on an asyncio loop; scripts/bench-loopback-rtt.sh gives the C one).
+processes (the floor of any protocol on an asyncio loop; scripts/bench-loopback.sh rtt gives the C one).
 
     python -m tsukimi.bench.session_rtt [--rounds 3] [--num 3000] [--json]
 """
