@@ -5,6 +5,7 @@ flight, and nothing left behind when callers stop mid-pipeline. Exact expectatio
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -122,6 +123,16 @@ def leased(master: PoolMaster) -> set[bytes]:
     return {k for k, b in master._blocks.items() if b.leases}
 
 
+async def settled(condition, timeout_s: float = 2.0) -> bool:
+    """`condition()` once the master has applied what the last call carried: a session message's put ends (on a
+    put start) and releases (on a get) are applied right after its reply has gone, so they may trail the reply
+    by a moment (a unary call applies them before it answers)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    return condition()
+
+
 async def test_put_end_rides_on_the_next_call(env):
     c = env.client()
     assert await env.put(c, range(4)) == [True] * 4
@@ -129,7 +140,7 @@ async def test_put_end_rides_on_the_next_call(env):
     assert visible(env.master) == set() and c.num_pending == 4
     assert await env.put(c, range(4, 8)) == [True] * 4
     # The second BatchPutStart carried the first batch's ends: no BatchPutEnd call was made.
-    assert visible(env.master) == set(KEYS[:4]) and env.stub.calls == {"BatchPutStart": 2}
+    assert await settled(lambda: visible(env.master) == set(KEYS[:4])) and env.stub.calls == {"BatchPutStart": 2}
     await c.flush()
     assert visible(env.master) == set(KEYS[:8]) and c.num_pending == 0
     assert env.stub.calls == {"BatchPutStart": 2, "BatchPutEnd": 1}
@@ -148,7 +159,7 @@ async def test_release_rides_on_the_next_call_and_blocks_removal_until_then(env)
     assert leased(env.master) == set(KEYS[:4])
     assert list((await env.raw_stub.BatchRemove(pb.KeysRequest(keys=KEYS[:1]))).removed) == [False]
     assert await env.get(c, range(4, 8)) == [True] * 4
-    assert leased(env.master) == set(KEYS[4:8]) and env.stub.calls.get("BatchRelease", 0) == 0
+    assert await settled(lambda: leased(env.master) == set(KEYS[4:8])) and env.stub.calls.get("BatchRelease", 0) == 0
     # A call of another kind carries them too: the removal sees the releases applied first.
     removed = await env.stub.BatchRemove(pb.KeysRequest(keys=KEYS[4:6], done=c._take_done()))
     assert list(removed.removed) == [True, True] and leased(env.master) == set()
