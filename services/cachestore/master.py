@@ -352,6 +352,21 @@ class PoolMaster:
         self._leased[key] = block
         return lease
 
+    def touch(self, keys: list[bytes]) -> tuple[int, int]:
+        """Counts reads of blocks a reader still held a lease on (read without a `get`) as accesses; returns how
+        many of `keys` are visible blocks, and their bytes (the others are ignored)."""
+        blocks, tiers = self._blocks, self._tiers
+        num_found = num_bytes = 0
+        for key in keys:
+            block = blocks.get(key)
+            if block is None or not block.is_visible:
+                continue
+            num_found += 1
+            num_bytes += block.size
+            for replica in block.replicas:
+                tiers[(replica.instance_id, replica.tier)].lru.touch(key)
+        return num_found, num_bytes
+
     def release(self, key: bytes, lease: int) -> None:
         """Ends a lease early."""
         block = self._blocks.get(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -50,6 +51,10 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self.lane_address = ""
         self._num_evictions = 0
         self._num_expired_puts = 0
+        # Tasks answering sessions (gRPC streams and lane connections), ended when the pool they talk to goes.
+        self._sessions: set[asyncio.Task] = set()
+        # The ones cancelled for that (other cancellations are the server's or the client's).
+        self._ending: set[asyncio.Task] = set()
 
     def _fill(self, out, replicas: list[Replica]) -> None:
         """Appends replicas to a repeated field in place (no intermediate messages)."""
@@ -76,8 +81,33 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             metrics.TIER_BLOCKS.labels(iid, tier).set(num_blocks)
 
     def use(self, pool: Pool | None, master_hint: str = "") -> None:
-        """Starts (a new pool) or stops (None) answering as the master."""
+        """Starts (a new pool) or stops (None) answering as the master. The sessions open with the previous pool
+        end: what it told their clients (leases, say) no longer holds."""
+        if pool is not self.pool:
+            for task in list(self._sessions):
+                self._ending.add(task)
+                task.cancel()
         self.pool, self.master_hint, self._num_evictions, self._num_expired_puts = pool, master_hint, 0, 0
+
+    def is_ending(self, task: asyncio.Task) -> bool:
+        """Whether `task` (a session's) was cancelled because its pool went (see `use`)."""
+        return task in self._ending
+
+    def gone_details(self) -> str:
+        """Why a session whose pool went ends."""
+        if self.pool is None:
+            return f"not the pool master{': ask ' + self.master_hint if self.master_hint else ''}"
+        return "the pool master's pool was replaced"
+
+    def track_session(self) -> None:
+        """Called by the task answering a session: it is cancelled when the pool goes (see `use`)."""
+        task = asyncio.current_task()
+        self._sessions.add(task)
+        task.add_done_callback(self._forget_session)
+
+    def _forget_session(self, task: asyncio.Task) -> None:
+        self._sessions.discard(task)
+        self._ending.discard(task)
 
     async def _done(self, request) -> None:
         """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),
@@ -89,6 +119,15 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             await self.pool.release([(r.key, r.lease_id) for r in done.releases])
         if done.put_end_keys:
             await self._put_end(list(done.put_end_keys))
+        if done.held_read_keys:
+            await self._held_reads(list(done.held_read_keys))
+
+    async def _held_reads(self, keys: list[bytes]) -> None:
+        """Reads a client made under leases it still held (no get): hits and accesses, as gets would be."""
+        if self.pool is not None:
+            num_found, num_bytes = await self.pool.touch(keys)
+            metrics.HITS.inc(num_found)
+            metrics.GET_BYTES.inc(num_bytes)
 
     # ---- lookups -----------------------------------------------------------------------------------------
 
@@ -199,6 +238,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def _get(self, keys: list[bytes], out, is_prefix: bool = False) -> None:
         """Appends one GetReply per key to `out` (a repeated field)."""
         num_hits = num_bytes = 0
+        lease_s = self.pool.master.lease_s
         for found in await self.pool.get(keys, is_prefix):
             reply = out.add()
             if found is None:
@@ -206,7 +246,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             replicas, lease, checksum = found
             num_hits += 1
             num_bytes += replicas[0].size
-            reply.found, reply.lease_id, reply.checksum = True, lease, checksum
+            reply.found, reply.lease_id, reply.checksum, reply.lease_s = True, lease, checksum, lease_s
             self._fill(reply.replicas, replicas)
         metrics.HITS.inc(num_hits)
         metrics.MISSES.inc(len(keys) - num_hits)
@@ -289,11 +329,18 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def Session(self, request_iterator, context):
         """The batch calls as messages of one stream, each answered in order by `answer` (a refusal aborts the
         stream with that call's status)."""
-        async for request in request_iterator:
-            reply, after = await self.answer(request, context)
-            yield reply
-            if after is not None:
-                await after()
+        self.track_session()
+        try:
+            async for request in request_iterator:
+                reply, after = await self.answer(request, context)
+                yield reply
+                if after is not None:
+                    await after()
+        except asyncio.CancelledError:
+            if not self.is_ending(asyncio.current_task()):
+                raise
+            # NOTE: a cancelled handler alone leaves grpc's stream open; the client must see it end.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.gone_details())
 
     async def SessionLane(self, request, context):
         """Answered by any instance (not only the master): where its lane is."""
@@ -304,8 +351,8 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         (timed under its name; a refusal is `context.abort`), and the work to apply once the reply has gone
         (None: nothing), before the next message is read. NOTE: what a put start's `done` carries, and the
         releases a get's carries, change nothing in that call's answer: they are applied after its reply (off
-        the client's wait); the put ends a get carries are applied before it, as a reader may ask for what it
-        has just put."""
+        the client's wait), as are the held reads it carries; the put ends a get carries are applied before it, as a
+        reader may ask for what it has just put."""
         op = request.WhichOneof("op")
         if op == "put_start":
             # NOTE: answers are built in place in the reply (no copy of a built message into it).
@@ -320,22 +367,28 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             return reply, functools.partial(self._done, request.put_start)
         if op == "get":
             get = request.get
-            releases = None
-            if get.HasField("done") and get.done.releases:
-                releases = [(r.key, r.lease_id) for r in get.done.releases]
-                get.done.ClearField("releases")
+            releases = reads = None
+            if get.HasField("done"):
+                if get.done.releases:
+                    releases = [(r.key, r.lease_id) for r in get.done.releases]
+                    get.done.ClearField("releases")
+                if get.done.held_read_keys:
+                    reads = list(get.done.held_read_keys)
+                    get.done.ClearField("held_read_keys")
             reply = pb.SessionReply(id=request.id)
             await self.SessionGet(get, context, reply.get)
-            return reply, (functools.partial(self._release, releases) if releases else None)
+            return reply, (functools.partial(self._after_get, releases, reads) if releases or reads else None)
         if op == "put_end":
             return pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context)), None
         if op == "put_revoke":
             return pb.SessionReply(id=request.id, empty=await self.BatchPutRevoke(request.put_revoke, context)), None
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session request {request.id} has no operation")
 
-    async def _release(self, releases: list[tuple[bytes, int]]) -> None:
-        if self.pool is not None:
+    async def _after_get(self, releases: list[tuple[bytes, int]] | None, reads: list[bytes] | None) -> None:
+        if releases and self.pool is not None:
             await self.pool.release(releases)
+        if reads:
+            await self._held_reads(reads)
 
     # ---- stats -------------------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 The same `SessionRequest` / `SessionReply` protobufs (libs/tsukimi/proto/cachestore.proto), framed as
 `tsukimi.common.session_lane` says, after the transfer engine's mutual HMAC handshake with the cluster secret.
 Every message is answered by the servicer's own `answer`, as on the gRPC stream; a refusal is sent as a
-`SessionReply.error` and ends the connection (as an abort ends the gRPC stream).
+`SessionReply.error` and ends the connection (as an abort ends the gRPC stream). When the instance's pool goes
+(it stops being the master, or starts a new pool), its open sessions end with UNAVAILABLE, on both ways: what its
+clients were told (their leases) no longer holds.
 
 Why it exists: a message on grpc.aio costs two or more hand-offs between grpc's poller thread and the event loop
 on each side; a plain stream costs one wake-up. On the project's 2-core VMs an empty round trip measured
@@ -27,6 +29,9 @@ from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.transfer import wire
 
 log = logging.getLogger(__name__)
+
+# How long a session whose pool went waits for its client to close after being told why.
+_GONE_WAIT_S = 2.0
 
 
 class Refusal(Exception):
@@ -82,7 +87,12 @@ class SessionLane:
                 self.num_auth_failures += 1
                 log.warning("refused a session lane peer: %s", exc or type(exc).__name__)
                 return
+            self._servicer.track_session()
             await self._answer_all(reader, writer)
+        except asyncio.CancelledError:
+            if not self._servicer.is_ending(asyncio.current_task()):
+                raise
+            await self._end_gone(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # NOTE: the peer left; nothing of its is pending here.
         finally:
@@ -109,6 +119,18 @@ class SessionLane:
                 return self._refuse(writer, request.id, Refusal(grpc.StatusCode.UNKNOWN, repr(exc)))
             if writer.transport.get_write_buffer_size() > lane.DRAIN_BYTES:
                 await writer.drain()
+
+    async def _end_gone(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Ends a session whose pool went (CacheStoreServicer.use): says why, then waits for the client to close
+        (a close with its unread messages here would reset the connection, and the reason with it)."""
+        self._refuse(writer, 0, Refusal(grpc.StatusCode.UNAVAILABLE, self._servicer.gone_details()))
+        try:
+            writer.write_eof()
+            async with asyncio.timeout(_GONE_WAIT_S):
+                while await reader.read(1 << 16):
+                    pass
+        except (OSError, TimeoutError):
+            pass
 
     @staticmethod
     def _refuse(writer: asyncio.StreamWriter, request_id: int, refusal: Refusal) -> None:

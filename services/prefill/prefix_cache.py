@@ -33,10 +33,13 @@ RPC_TIMEOUT_S = 2.0
 class PrefixCache:
     """Loads and stores KV blocks of prompts for one model."""
 
-    def __init__(self, transfer: TransferEngine, model: str, block_tokens: int, secret: bytes | None = None):
-        """`secret`: the cluster secret, for the pool master's session lane (None: its gRPC stream)."""
+    def __init__(self, transfer: TransferEngine, model: str, block_tokens: int, secret: bytes | None = None,
+                 hold_leases: int = 0):
+        """`secret`: the cluster secret, for the pool master's session lane (None: its gRPC stream);
+        `hold_leases`: see `PoolClient`."""
         self.transfer = transfer
         self._secret = secret
+        self._hold_leases = hold_leases
         self.model = model
         self.block_tokens = block_tokens
         self._address = ""
@@ -60,7 +63,8 @@ class PrefixCache:
         if address:
             self._channel = grpc.aio.insecure_channel(address)
             self._session = PoolSession(pb_grpc.CacheStoreStub(self._channel), self._secret)
-            self._client = PoolClient(self._session, self.transfer, rpc_timeout_s=RPC_TIMEOUT_S)
+            self._client = PoolClient(self._session, self.transfer, rpc_timeout_s=RPC_TIMEOUT_S,
+                                      hold_leases=self._hold_leases)
 
     @property
     def is_available(self) -> bool:

@@ -40,6 +40,8 @@ class CountingStub:
 
     def __getattr__(self, name):
         method = getattr(self._stub, name)
+        if not callable(method):
+            return method  # NOTE: a session's `epoch`, say.
 
         async def call(request, **kwargs):
             self.calls[name] = self.calls.get(name, 0) + 1
@@ -89,8 +91,8 @@ async def env(request):
     e.master, e.dram, e.stub, e.raw_stub, e.engine = master, dram, stub, raw_stub, engine
     e.data, e.back, e.src, e.dst, e.sums = data, back, src, dst, sums
 
-    def client(linger_s: float = 60.0) -> PoolClient:
-        return PoolClient(stub, engine, linger_s=linger_s)
+    def client(linger_s: float = 60.0, **kwargs) -> PoolClient:
+        return PoolClient(stub, engine, linger_s=linger_s, **kwargs)
 
     async def put(c: PoolClient, idx: range) -> list[bool]:
         return await c.put_many(KEYS[idx.start:idx.stop], src, [i * BLOCK for i in idx], [BLOCK] * len(idx),
@@ -363,3 +365,114 @@ async def test_session_operations_waiting_when_the_server_stops_fail_in_time(env
     results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
     assert all(isinstance(r, grpc.aio.AioRpcError) for r in results), results
     assert env.session.num_waiting == 0
+
+
+# ---- held leases ---------------------------------------------------------------------------------------------
+
+
+async def test_held_leases_read_blocks_again_with_no_call_to_the_master(env):
+    c = env.client(hold_leases=8)
+    await env.put(c, range(4))
+    await c.flush()
+    assert await env.get(c, range(4)) == [True] * 4
+    if env.session is None:
+        # Unary calls: no stream tells when the master that gave a lease may have changed, so none is held.
+        assert c.hold_leases == 0 and c.num_held == 0
+        await c.close()
+        return
+    assert c.num_held == 4 and await settled(lambda: leased(env.master) == set(KEYS[:4]))
+    env.back[:] = 0
+    assert await env.get(c, range(4)) == [True] * 4
+    assert np.array_equal(env.back[:4 * BLOCK], env.data[:4 * BLOCK])
+    # Read under the held leases: one BatchGet in all, and the reads wait to ride on the next call.
+    assert env.stub.calls.get("BatchGet") == 1 and c.num_held_reads == 4 and c.num_pending == 4
+    # A get of held and other blocks asks the master for the others only.
+    await env.put(c, range(4, 6))
+    assert await env.get(c, range(6)) == [True] * 6
+    assert env.stub.calls["BatchGet"] == 2 and c.num_held == 6 and c.num_held_reads == 8
+    assert await settled(lambda: env.pool.num_hits == 4 + 4 + 2)  # the held reads counted as hits
+    # Held, the blocks cannot be removed; flush gives the leases back.
+    assert list((await env.raw_stub.BatchRemove(pb.KeysRequest(keys=KEYS[:1]))).removed) == [False]
+    await c.flush()
+    assert c.num_held == 0 and c.num_pending == 0 and leased(env.master) == set()
+    assert env.pool.num_hits == 4 + 4 + 2 + 4  # the last four held reads, sent with the flush
+    await c.close()
+
+
+async def test_held_leases_are_bounded_and_go_back_when_idle(env):
+    if env.session is None:
+        pytest.skip("leases are held over sessions only")
+    c = env.client(hold_leases=2, hold_idle_s=0.1, linger_s=0.01)
+    await env.put(c, range(4))
+    await c.flush()
+    assert await env.get(c, range(4)) == [True] * 4
+    # The two read last are held; the others went back.
+    assert c.num_held == 2 and await settled(lambda: leased(env.master) == set(KEYS[2:4]))
+    # Not read again for hold_idle_s: given back (on a call of their own, within the linger).
+    assert await settled(lambda: c.num_held == 0 and leased(env.master) == set())
+    await c.close()
+
+
+async def test_a_held_lease_is_not_used_past_its_term(env):
+    if env.session is None:
+        pytest.skip("leases are held over sessions only")
+    env.master.lease_s = 1.5  # held for at most 1.5 s less the margin (1 s) from when its get went out
+    c = env.client(hold_leases=8, hold_idle_s=60.0)
+    await env.put(c, range(2))
+    await c.flush()
+    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    assert await env.get(c, range(2)) == [True] * 2 and env.stub.calls["BatchGet"] == 1
+    await asyncio.sleep(0.6)
+    assert await env.get(c, range(2)) == [True] * 2
+    assert env.stub.calls["BatchGet"] == 2 and c.num_held_reads == 2  # asked the master again, and holds anew
+    env.master.lease_s = 0.5  # shorter than the margin: never held
+    await c.flush()
+    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 0
+    await c.close()
+
+
+async def test_held_leases_are_not_used_after_the_stream_ends(env):
+    if env.session is None:
+        pytest.skip("leases are held over sessions only")
+    c = env.client(hold_leases=8)
+    await env.put(c, range(2))
+    await c.flush()
+    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    # The instance stops being the master and a new pool takes its place: the open session ends with it.
+    epoch = env.session.epoch
+    env.servicer.use(Pool(PoolMaster()))
+    assert await settled(lambda: env.session.epoch != epoch)
+    # The leases of the pool that went are not read under (its memory is another master's to give out now).
+    assert await env.get(c, range(2)) == [False, False]
+    assert env.stub.calls["BatchGet"] == 2 and c.num_held == 0 and c.num_held_reads == 0
+    await c.close()
+
+
+async def test_a_prefix_is_read_under_held_leases_up_to_its_first_block_not_held(env):
+    if env.session is None:
+        pytest.skip("leases are held over sessions only")
+    c = env.client(hold_leases=8)
+    await env.put(c, range(6))
+    await c.flush()
+    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    assert list((await env.raw_stub.BatchRemove(pb.KeysRequest(keys=KEYS[4:5]))).removed) == [True]
+    read = await c.get_many(KEYS[:6], env.dst, [i * BLOCK for i in range(6)], [BLOCK] * 6, is_prefix=True)
+    # 0-1 under held leases, 2-3 from the master, and nothing after the gap at 4 (5 is there, but not leased).
+    assert read == [True] * 4 + [False] * 2 and c.num_held_reads == 2
+    assert c.num_held == 4 and await settled(lambda: leased(env.master) == set(KEYS[:4]))
+    await c.close()
+    assert leased(env.master) == set()
+
+
+async def test_a_held_block_that_fails_its_checksum_is_dropped_and_let_go(env):
+    if env.session is None:
+        pytest.skip("leases are held over sessions only")
+    c = env.client(hold_leases=8)
+    await env.put(c, range(2))
+    await c.flush()
+    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    offset = c._held[KEYS[1]].replica.offset
+    env.dram.view[offset] = (env.dram.view[offset] + 1) % 256
+    assert await env.get(c, range(2)) == [True, False]
+    assert c.num_held == 1 and visible(env.master) == {KEYS[0]}
+    await c.close()

@@ -24,6 +24,7 @@ from tsukimi.common.checksum import block_checksum
 from tsukimi.common.natsserver import NatsServer, free_port
 from tsukimi.common.pool_client import PoolClient
 from tsukimi.common.pool_session import PoolSession
+from tsukimi.common.settings import Settings
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine
@@ -43,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="each batch call a unary gRPC call (default: messages of one session stream)")
     parser.add_argument("--no-lane", action="store_true",
                         help="session messages on the gRPC stream (default: the pool's session lane)")
+    parser.add_argument("--hold-leases", type=int, default=Settings.model_fields["cache_hold_leases"].default,
+                        help="leases the client keeps to read their blocks again with no call to the master, as "
+                             "the workers' clients do (default: their setting's default; 0: every get asks the "
+                             "master)")
     parser.add_argument("--verify", action="store_true",
                         help="timed gets verify each block's checksum, as the prefill's reads do")
     parser.add_argument("--json", action="store_true")
@@ -88,7 +93,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
         return [gen.to_bytes(4, "big") + i.to_bytes(28, "big") for i in range(args.num_blocks)]
 
     session = None if args.unary else PoolSession(stub, None if args.no_lane else secret.encode())
-    client = PoolClient(session or stub, engine, rpc_timeout_s=10.0)
+    client = PoolClient(session or stub, engine, rpc_timeout_s=10.0, hold_leases=args.hold_leases)
     sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
 
     async def in_flight(run_batch) -> None:
@@ -152,12 +157,14 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     await client.flush()
     assert np.array_equal(back, data), "read back bytes differ"
     assert [block_checksum(back[i * size:(i + 1) * size]) for i in range(args.num_blocks)] == sums
-    num, started = 0, time.monotonic()
+    num, started, num_held = 0, time.monotonic(), client.num_held_reads
     while time.monotonic() - started < args.duration:
         num += await get_round(keys, verify=args.verify)
     await client.flush()
     elapsed = time.monotonic() - started
-    results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed})
+    # The share of the timed gets read under leases the client held (no call to the master for them).
+    results.append({"op": "get", "ops_per_s": num / elapsed, "elapsed_s": elapsed,
+                    "held_share": round((client.num_held_reads - num_held) / num, 3)})
     await client.close()
     # How the session's messages went ("lane" or "grpc"), read before it closes.
     calls = "unary" if session is None else f"session ({session.transport})"
@@ -171,6 +178,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
                  batch=args.batch, batch_size=group, inflight=args.inflight, verify=args.verify,
+                 hold_leases=client.hold_leases,
                  calls=calls, ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:

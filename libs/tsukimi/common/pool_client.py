@@ -6,6 +6,14 @@ ends and lease releases a batch leaves behind ride on the client's next batch ca
 in a call of their own only when no call follows within `linger_s` (or on `flush` / `close`). Several batch
 operations may be in flight at once (pipelining: the next batch's metadata call overlaps this batch's copies).
 
+With `hold_leases` (over a `PoolSession` only), a reader keeps the leases of the blocks it read instead of giving
+each back at once, and reads a block it holds again with no call to the master: the lease keeps the block where
+it is, as it did for the first read. A held lease goes back once not used for `hold_idle_s`, when more than
+`hold_leases` are held (the least recently used first), on `flush` and `close`; it is not used past its term
+(less a margin, counted from when its get was sent), nor after the session's stream ended (the master that gave
+it may be gone: see `PoolSession.epoch`). Such reads ride on the next call as `held_read_keys`, so the master
+still counts them as hits and accesses.
+
 What stays as in the plain protocol: a block's put end is sent only after all its bytes are written (a deferred
 end makes it visible later, never earlier); a block whose write failed is revoked; a lease is given back only
 after the read's copies are over, and a read block is checked against its checksum unless the caller says not to.
@@ -17,7 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -30,19 +41,56 @@ from tsukimi.transfer.engine import LocalBuffer, TransferEngine
 log = logging.getLogger(__name__)
 
 
+def _hold_margin_s(lease_s: float) -> float:
+    """How long before its term a held lease stops being used: time for the last read under it to end, and for
+    clocks that run at slightly different rates."""
+    return max(1.0, 0.2 * lease_s)
+
+
+@dataclass(slots=True)
+class _Held:
+    """A lease this client kept after reading its block."""
+
+    # Where the block was read from (the get's first replica).
+    replica: pb.Replica
+    checksum: str
+    lease_id: int
+    # Local monotonic time after which the lease is not used (its term, from when its get was sent, less a margin).
+    until: float
+    # `PoolSession.epoch` when the master gave it.
+    epoch: int
+    # Last time a read started under it.
+    used_at: float
+    # Reads under way under it (it goes back to the master only after the last one).
+    num_readers: int = 0
+    # Let go while read: the last reader gives it back.
+    is_let_go: bool = False
+
+
 class PoolClient:
     """Batch puts and gets against the pool master behind `stub`; safe to use from many tasks at once."""
 
     def __init__(self, stub: pb_grpc.CacheStoreStub, transfer: TransferEngine, *, rpc_timeout_s: float = 2.0,
-                 linger_s: float = 0.002):
+                 linger_s: float = 0.002, hold_leases: int = 0, hold_idle_s: float = 1.0):
         self.stub = stub
         self.transfer = transfer
         self.rpc_timeout_s = rpc_timeout_s
         # How long finished work (put ends, releases) may wait for a call to ride on before it gets its own.
         self.linger_s = linger_s
+        # Most leases kept after their reads (0: each given back after its read); only over a PoolSession.
+        self.hold_leases = hold_leases if isinstance(getattr(stub, "epoch", None), int) else 0
+        # A held lease not read under for this long goes back.
+        self.hold_idle_s = hold_idle_s
         self._ends: list[bytes] = []
         # (key, lease id) of the leases to give back.
         self._releases: list[tuple[bytes, int]] = []
+        # Keys read under held leases since the last call.
+        self._held_reads: list[bytes] = []
+        # Key -> its held lease, least recently read first.
+        self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        self._sweeper: asyncio.TimerHandle | None = None
+        # Blocks read under held leases so far (no call to the master).
+        self.num_held_reads = 0
         self._flusher: asyncio.TimerHandle | None = None
         # Calls under way that carry finished work, each resolved once answered (`flush` waits for them).
         self._carrying: set[asyncio.Future] = set()
@@ -53,14 +101,14 @@ class PoolClient:
     # ---- the work carried on the next call -----------------------------------------------------------------
 
     def _take_done(self) -> pb.Done | None:
-        if not self._ends and not self._releases:
+        if not self._ends and not self._releases and not self._held_reads:
             return None
-        done = pb.Done(put_end_keys=self._ends)
+        done = pb.Done(put_end_keys=self._ends, held_read_keys=self._held_reads)
         add = done.releases.add
         for key, lease_id in self._releases:
             release = add()
             release.key, release.lease_id = key, lease_id
-        self._ends, self._releases = [], []
+        self._ends, self._releases, self._held_reads = [], [], []
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
@@ -85,22 +133,103 @@ class PoolClient:
 
     def _linger_over(self) -> None:
         self._flusher = None
-        self._spawn(self._flush_quietly())
+        self._spawn(self._flush_quietly(self._send_finished))
 
-    async def _flush_quietly(self) -> None:
+    async def _flush_quietly(self, flush) -> None:
         try:
-            await self.flush()
+            await flush()
         except grpc.aio.AioRpcError as exc:
             log.warning("cache pool: sending put ends / releases failed: %s", exc.code().name)
 
     @property
     def num_pending(self) -> int:
-        """Put ends and releases not sent yet."""
-        return len(self._ends) + len(self._releases)
+        """Put ends, releases and held reads not sent yet."""
+        return len(self._ends) + len(self._releases) + len(self._held_reads)
+
+    @property
+    def num_held(self) -> int:
+        """Leases kept after their reads (see `hold_leases`)."""
+        return len(self._held)
+
+    # ---- held leases -------------------------------------------------------------------------------------
+
+    def _let_go(self, key: bytes) -> None:
+        """Stops holding `key`'s lease: given back on the next call (by its last reader, if it is being read)."""
+        held = self._held.pop(key)
+        if held.num_readers:
+            held.is_let_go = True
+        else:
+            self._releases.append((key, held.lease_id))
+            self._arm()
+
+    def _let_go_all(self) -> None:
+        for key in list(self._held):
+            self._let_go(key)
+
+    def _sweep(self) -> None:
+        """Lets go of the held leases not read under for `hold_idle_s`; while any is held, looks again later."""
+        self._sweeper = None
+        idle_since = time.monotonic() - self.hold_idle_s
+        held = self._held
+        while held:
+            key, oldest = next(iter(held.items()))
+            if oldest.used_at > idle_since:
+                break
+            self._let_go(key)
+        if held and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep)
+
+    def _hold(self, key: bytes, got: pb.GetReply, sent_at: float, epoch: int) -> bool:
+        """Keeps the lease of a block just read; False when it is not kept (the caller gives it back)."""
+        until = sent_at + got.lease_s - _hold_margin_s(got.lease_s)
+        now = time.monotonic()
+        if key in self._held or until <= now:
+            return False
+        self._held[key] = _Held(got.replicas[0], got.checksum, got.lease_id, until, epoch, now)
+        while len(self._held) > self.hold_leases:
+            self._let_go(next(iter(self._held)))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep)
+        return True
+
+    def _take_held(self, key: bytes, size: int, now: float, epoch: int) -> _Held | None:
+        """The held lease to read `key` under (marked as being read), if one can be used."""
+        held = self._held.get(key)
+        if held is None:
+            return None
+        if held.epoch != epoch or held.until <= now:
+            self._let_go(key)
+            return None
+        if held.replica.size != size:
+            return None
+        held.num_readers += 1
+        held.used_at = now
+        self._held.move_to_end(key)
+        return held
+
+    def _read_over(self, key: bytes, held: _Held, ok: bool) -> None:
+        """A read under a held lease is over: counted for the master when it read the block, else let go."""
+        held.num_readers -= 1
+        if ok:
+            self._held_reads.append(key)
+            self.num_held_reads += 1
+            self._arm()
+        elif self._held.get(key) is held:
+            self._let_go(key)
+        if held.is_let_go and not held.num_readers:
+            self._releases.append((key, held.lease_id))
+            self._arm()
+
+    # ---- sending the finished work -----------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Sends the put ends and releases not sent yet and waits for those already on their way: blocks whose
-        `put_many` returned are visible afterwards, leases of returned `get_many` calls given back."""
+        """Gives back the held leases, sends the put ends and releases not sent yet and waits for those already on
+        their way: blocks whose `put_many` returned are visible afterwards, leases of returned `get_many` calls
+        given back."""
+        self._let_go_all()
+        await self._send_finished()
+
+    async def _send_finished(self) -> None:
         carrying = list(self._carrying)
         done = self._take_done()
         if done is not None:
@@ -115,7 +244,10 @@ class PoolClient:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         self._closed = True
-        await self._flush_quietly()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        await self._flush_quietly(self.flush)
 
     # ---- operations --------------------------------------------------------------------------------------
 
@@ -183,21 +315,46 @@ class PoolClient:
         return await self._run(self._get_many(keys, local, offsets, sizes, verify, is_prefix))
 
     async def _get_many(self, keys, local, offsets, sizes, verify, is_prefix) -> list[bool]:
-        request = pb.KeysRequest(keys=keys, done=self._take_done(), is_prefix=is_prefix)
-        gets = (await self._call(self.stub.BatchGet, request)).gets
-        requests, indices, leases = [], [], []
         ok = [False] * len(keys)
-        read = Op.READ
-        for i, got in enumerate(gets):
-            if not got.found:
-                continue
-            leases.append((keys[i], got.lease_id))
-            replica = got.replicas[0]
-            if replica.size == sizes[i]:
-                requests.append(TransferRequest(read, local, offsets[i], replica.segment, replica.buffer_id,
-                                                replica.offset, sizes[i]))
-                indices.append(i)
+        # Per key read: where from, and the checksum to verify it against.
+        sources: dict[int, tuple[pb.Replica, str]] = {}
+        # Index -> the held lease it is read under.
+        held: dict[int, _Held] = {}
+        ask = range(len(keys))  # the indices to ask the master for
+        epoch = getattr(self.stub, "epoch", 0)
+        if self._held:
+            now = time.monotonic()
+            ask = []
+            for i, key in enumerate(keys):
+                # NOTE: a prefix is read under held leases only up to its first block not held; the master answers
+                # for the rest (from there on, as a prefix).
+                entry = None if is_prefix and ask else self._take_held(key, sizes[i], now, epoch)
+                if entry is None:
+                    ask.append(i)
+                else:
+                    held[i] = entry
+                    sources[i] = (entry.replica, entry.checksum)
+        leases = []  # (index, reply) of the leases the master gave
+        can_hold, sent_at = False, 0.0
         try:
+            if ask or not held:  # NOTE: a get of no keys still goes out, with the finished work it carries.
+                sent_at = time.monotonic()
+                request = pb.KeysRequest(keys=[keys[i] for i in ask] if held else keys, done=self._take_done(),
+                                         is_prefix=is_prefix)
+                gets = (await self._call(self.stub.BatchGet, request)).gets
+                # NOTE: a lease is held only when its get's stream stayed the same throughout.
+                can_hold = self.hold_leases > 0 and getattr(self.stub, "epoch", 0) == epoch
+                for i, got in zip(ask, gets):
+                    if not got.found:
+                        continue
+                    leases.append((i, got))
+                    replica = got.replicas[0]
+                    if replica.size == sizes[i]:
+                        sources[i] = (replica, got.checksum)
+            read = Op.READ
+            indices = list(sources)
+            requests = [TransferRequest(read, local, offsets[i], sources[i][0].segment, sources[i][0].buffer_id,
+                                        sources[i][0].offset, sizes[i]) for i in indices]
             if requests:
                 statuses = await self.transfer.wait(await self.transfer.submit(requests))
                 completed = Status.COMPLETED
@@ -205,16 +362,24 @@ class PoolClient:
                     ok[i] = st.status is completed
         finally:
             # NOTE: after the copies only: the lease keeps the bytes in place while they are read.
-            self._releases.extend(leases)
-            self._arm()
+            for i, entry in held.items():
+                self._read_over(keys[i], entry, ok[i])
+            for i, got in leases:
+                if not (ok[i] and can_hold and self._hold(keys[i], got, sent_at, epoch)):
+                    self._releases.append((keys[i], got.lease_id))
+            if leases:
+                self._arm()
         if verify:
             array = local.array
             for i in indices:
-                if ok[i] and not checksum_matches(array[offsets[i]:offsets[i] + sizes[i]], gets[i].checksum):
+                replica, checksum = sources[i]
+                if ok[i] and not checksum_matches(array[offsets[i]:offsets[i] + sizes[i]], checksum):
                     ok[i] = False
                     log.warning("block %s failed its checksum; dropping that replica", keys[i].hex()[:16])
+                    if keys[i] in self._held:
+                        self._let_go(keys[i])
                     try:
-                        await self.stub.DropReplica(pb.DropReplicaRequest(key=keys[i], replica=gets[i].replicas[0]),
+                        await self.stub.DropReplica(pb.DropReplicaRequest(key=keys[i], replica=replica),
                                                     timeout=self.rpc_timeout_s)
                     except grpc.aio.AioRpcError:
                         pass

@@ -86,6 +86,9 @@ class PoolSession:
         self._secret = secret
         # Whether the messages go over the lane ("lane"), the gRPC stream ("grpc"), or nothing is open ("").
         self.transport = ""
+        # Changes whenever a stream opens or ends: what a master said on one stream (its leases, say) is known to
+        # still hold only while `epoch` is the same (a new stream may reach another master, or a restarted one).
+        self.epoch = 0
         self._ids = itertools.count(1)
         self._call = None
         self._reader: asyncio.Task | None = None
@@ -123,6 +126,7 @@ class PoolSession:
         call, reader = self._call, self._reader
         self._call = self._reader = None
         self.transport = ""
+        self.epoch += 1
         if call is not None:
             call.cancel()
         if reader is not None:
@@ -167,6 +171,7 @@ class PoolSession:
             call = await self._open_lane(timeout or _LANE_OPEN_S) if self._secret is not None else None
             self.transport = "grpc" if call is None else "lane"
             self._call = call or self.stub.Session()
+            self.epoch += 1
             self._reader = asyncio.ensure_future(self._read(self._call))
         return self._call
 
@@ -225,6 +230,7 @@ class PoolSession:
             if self._call is call:
                 self._call = self._reader = None
                 self.transport = ""
+                self.epoch += 1
             self._fail_waiting(error)
 
     def _fail_waiting(self, error: grpc.aio.AioRpcError) -> None:

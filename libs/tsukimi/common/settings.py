@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     cache_put_timeout_s: float = Field(60.0, gt=0)
     # Seconds the pool master gathers block events before publishing them as one message (0: one per operation).
     cache_events_coalesce_s: float = Field(0.005, ge=0)
+    # Most leases a worker's pool client keeps after reading their blocks, to read them again with no call to the
+    # pool master (0: each is given back after its read); a held lease not read under for a second goes back.
+    cache_hold_leases: int = Field(1024, ge=0)
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
     # Conductor: placement policy (random, round-robin, least-loaded, local-cache, mooncake; colocated: the
