@@ -7,6 +7,8 @@ engine between workers and the instances that contribute memory. Follows Mooncak
 - a `get` takes a lease (default 10 s) that blocks eviction and removal until released or expired;
 - a put not ended within `put_timeout_s` (default 60 s: its writer died or hung) is revoked, so its space and its
   key come back;
+- room may be reserved ahead in slots (`reserve`: one block's DRAM each, keys not known yet); a slot ended with a
+  key (`end_slot`) becomes that block, visible at once; one not ended within `put_timeout_s` goes back;
 - each instance's tier keeps its blocks in LRU order; past the high watermark the oldest unleased blocks are
   evicted, moving to the instance's SSD tier when it has one (the caller copies the bytes), else dropped;
 - an instance that goes away takes its replicas with it.
@@ -19,6 +21,7 @@ turns them into data movements on the instances (SSD writes, promotions, copies,
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -111,6 +114,10 @@ class PoolMaster:
         self.num_evictions = 0
         # Puts started and not ended -> when they are revoked if still not ended.
         self._writing: dict[bytes, float] = {}
+        # Reserved slots: id -> (its DRAM, when it goes back if not ended).
+        self._slots: dict[int, tuple[Replica, float]] = {}
+        # NOTE: random ids: an id a client got from another pool (a master before this one) is unknown here.
+        self._random = random.Random()
         self.num_expired_puts = 0
         # Earliest lease or put deadline that may not have been expired yet.
         self._next_expiry = float("inf")
@@ -149,6 +156,8 @@ class PoolMaster:
             self._tiers.pop((instance_id, tier), None)
         self._list_dram_tiers()
         lost = []
+        for slot_id in [i for i, (r, _) in self._slots.items() if r.instance_id == instance_id]:
+            del self._slots[slot_id]
         for key, block in list(self._blocks.items()):
             for replica in [r for r in block.replicas if r.instance_id == instance_id]:
                 block.replicas.remove(replica)
@@ -267,6 +276,63 @@ class PoolMaster:
         self._blocks[key] = Block(key, size, checksum, replicas)
         self._writing[key] = until
         return replicas
+
+    # ---- reserved slots -----------------------------------------------------------------------------------
+
+    def reserve(self, size: int, count: int) -> list[tuple[int, Replica]]:
+        """Up to `count` slots of `size` bytes of DRAM (on the instances with most free first, evicting LRU blocks
+        where needed): (slot id, where to write); fewer when the pool has no more room."""
+        self._expire()
+        until = self._deadline(self.put_timeout_s)
+        evictions: list[Eviction] = []
+        slots = []
+        for _ in range(count):
+            replica = None
+            for iid in self._dram_candidates(()):
+                offset = self._allocate(iid, "dram", size, evictions)
+                if offset is not None:
+                    replica = Replica(iid, "dram", offset, size)
+                    break
+            if replica is None:
+                break
+            slot_id = self._random.getrandbits(63)
+            while slot_id in self._slots or not slot_id:
+                slot_id = self._random.getrandbits(63)
+            self._slots[slot_id] = (replica, until)
+            slots.append((slot_id, replica))
+        return slots
+
+    def end_slot(self, slot_id: int, key: bytes, checksum: str) -> int:
+        """A slot written whole with `key`'s block: the block becomes visible there. Returns its size; 0 when the
+        slot is unknown (returned, over its term, or of another pool), or the key is empty or held already (started
+        or visible: that block stays, the slot goes back)."""
+        self._expire()
+        slot = self._slots.pop(slot_id, None)
+        if slot is None:
+            return 0
+        replica = slot[0]
+        if not key or key in self._blocks:
+            self._free(replica)
+            return 0
+        block = self._blocks[key] = Block(key, replica.size, checksum, [replica])
+        self._end(block)
+        return replica.size
+
+    def return_slot(self, slot_id: int) -> None:
+        """A slot not used: its room goes back (an unknown id is ignored)."""
+        slot = self._slots.pop(slot_id, None)
+        if slot is not None:
+            self._free(slot[0])
+
+    @property
+    def num_slots(self) -> int:
+        """Slots reserved and not ended or returned yet."""
+        return len(self._slots)
+
+    def _free(self, replica: Replica) -> None:
+        tier = self._tiers.get((replica.instance_id, replica.tier))
+        if tier is not None:
+            tier.allocator.free(replica.offset)
 
     def put_end(self, key: bytes) -> list[Eviction]:
         """The block's bytes are written: it becomes visible. Returns the evictions this caused. Raises
@@ -555,9 +621,13 @@ class PoolMaster:
             return  # NOTE: called on every operation; nothing can have expired before the earliest deadline.
         self._next_expiry = min(min((u for b in self._leased.values() for u in b.leases.values() if u > now),
                                     default=float("inf")),
-                                min((u for u in self._writing.values() if u > now), default=float("inf")))
+                                min((u for u in self._writing.values() if u > now), default=float("inf")),
+                                min((u for _, u in self._slots.values() if u > now), default=float("inf")))
         for key in [k for k, until in self._writing.items() if until <= now]:
             self.put_revoke(key)
+            self.num_expired_puts += 1
+        for slot_id in [i for i, (_, until) in self._slots.items() if until <= now]:
+            self.return_slot(slot_id)
             self.num_expired_puts += 1
         for key, block in list(self._leased.items()):
             for lease in [lid for lid, until in block.leases.items() if until <= now]:

@@ -129,6 +129,26 @@ class Pool:
             await self._settle()
             return sizes
 
+    async def reserve(self, size: int, count: int) -> list[tuple[int, Replica]]:
+        """Slots of `size` bytes for puts whose keys come with their ends (see `PoolMaster.reserve`)."""
+        async with self._lock:
+            slots = self.master.reserve(size, count)
+            await self._settle()
+            return slots
+
+    async def end_slots(self, ends: list[tuple[int, bytes, str]]) -> list[int]:
+        """(slot id, key, checksum) of written slots: each becomes its key's block; the size of each (0: see
+        `PoolMaster.end_slot`)."""
+        async with self._lock:
+            sizes = [self.master.end_slot(slot_id, key, checksum) for slot_id, key, checksum in ends]
+            await self._settle()
+            return sizes
+
+    async def return_slots(self, slot_ids: list[int]) -> None:
+        async with self._lock:
+            for slot_id in slot_ids:
+                self.master.return_slot(slot_id)
+
     async def put_revoke(self, keys: list[bytes]) -> list[bool]:
         async with self._lock:
             done = []

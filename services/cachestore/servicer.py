@@ -18,6 +18,9 @@ from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# Most slots one Reserve may ask for.
+MAX_RESERVE = 4096
+
 
 def _timed(method=None, *, name: str | None = None):
     """Records the call's latency under its name (or `name`); refuses calls while this instance is not the
@@ -58,13 +61,15 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     def _fill(self, out, replicas: list[Replica]) -> None:
         """Appends replicas to a repeated field in place (no intermediate messages)."""
-        instances = self.pool.instances
         for r in replicas:
-            instance = instances[r.instance_id]
-            # NOTE: fields set one by one: faster than add(**fields) with upb.
-            replica = out.add()
-            replica.instance_id, replica.segment, replica.buffer_id = r.instance_id, instance.segment, instance.buffer_id
-            replica.tier, replica.offset, replica.size = r.tier, r.offset, r.size
+            self._fill_one(out.add(), r)
+
+    def _fill_one(self, replica, r: Replica) -> None:
+        """Sets a Replica message's fields from `r`."""
+        instance = self.pool.instances[r.instance_id]
+        # NOTE: fields set one by one: faster than add(**fields) with upb.
+        replica.instance_id, replica.segment, replica.buffer_id = r.instance_id, instance.segment, instance.buffer_id
+        replica.tier, replica.offset, replica.size = r.tier, r.offset, r.size
 
     def export(self) -> None:
         """Sets the per-tier gauges and the eviction counter (called periodically, not per call)."""
@@ -121,6 +126,12 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             await self._put_end(list(done.put_end_keys))
         if done.held_read_keys:
             await self._held_reads(list(done.held_read_keys))
+        if done.slot_ends:
+            sizes = await self.pool.end_slots([(e.slot_id, e.key, e.checksum) for e in done.slot_ends])
+            metrics.PUTS.labels("visible").inc(sum(1 for n in sizes if n))
+            metrics.PUT_BYTES.inc(sum(sizes))
+        if done.returned_slots:
+            await self.pool.return_slots(list(done.returned_slots))
 
     async def _held_reads(self, keys: list[bytes]) -> None:
         """Reads a client made under leases it still held (no get): hits and accesses, as gets would be."""
@@ -200,6 +211,31 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             out = add()
             if not isinstance(result, PoolError):
                 self._fill(out.replicas, result)
+
+    @_timed
+    async def Reserve(self, request, context):
+        await self._done(request)
+        reply = pb.ReserveReply()
+        await self._reserve(request, context, reply)
+        return reply
+
+    @_timed(name="Reserve")
+    async def SessionReserve(self, request, context, reply) -> None:
+        """Reserve as a session message, answered into `reply`: its own work only (the session applies its `done`
+        after the reply has gone)."""
+        await self._reserve(request, context, reply)
+
+    async def _reserve(self, request, context, reply) -> None:
+        if request.size <= 0 or not 0 < request.count <= MAX_RESERVE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a reserve needs a positive size and a count in 1..{MAX_RESERVE}")
+        reply.SetInParent()
+        reply.term_s = self.pool.master.put_timeout_s
+        add = reply.slots.add
+        for slot_id, replica in await self.pool.reserve(request.size, request.count):
+            slot = add()
+            slot.slot_id = slot_id
+            self._fill_one(slot.replica, replica)
 
     async def _put_end(self, keys: list[bytes]) -> list[int]:
         sizes = await self.pool.put_end(keys)
@@ -378,6 +414,14 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             reply = pb.SessionReply(id=request.id)
             await self.SessionGet(get, context, reply.get)
             return reply, (functools.partial(self._after_get, releases, reads) if releases or reads else None)
+        if op == "reserve":
+            reply = pb.SessionReply(id=request.id)
+            try:
+                await self.SessionReserve(request.reserve, context, reply.reserve)
+            except BaseException:
+                await self._done(request.reserve)  # NOTE: as a refused put start: what it carries is applied.
+                raise
+            return reply, functools.partial(self._done, request.reserve)
         if op == "put_end":
             return pb.SessionReply(id=request.id, empty=await self.BatchPutEnd(request.put_end, context)), None
         if op == "put_revoke":

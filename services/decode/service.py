@@ -196,7 +196,8 @@ class DecodeService:
         await self.transfer.publish()
         if self.settings.is_cache_enabled and not self._has_own_cache:
             self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens,
-                                     self.settings.secret_bytes(), self.settings.cache_hold_leases)
+                                     self.settings.secret_bytes(), self.settings.cache_hold_leases,
+                                     self.settings.cache_reserve_bytes)
             await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
         await self.nc.subscribe(subjects.decode_reserve(self.instance_id), cb=self._on_reserve)
         await self.nc.subscribe(subjects.decode_tasks(self.instance_id), cb=self._on_task)

@@ -34,12 +34,13 @@ class PrefixCache:
     """Loads and stores KV blocks of prompts for one model."""
 
     def __init__(self, transfer: TransferEngine, model: str, block_tokens: int, secret: bytes | None = None,
-                 hold_leases: int = 0):
+                 hold_leases: int = 0, reserve_bytes: int = 0):
         """`secret`: the cluster secret, for the pool master's session lane (None: its gRPC stream);
-        `hold_leases`: see `PoolClient`."""
+        `hold_leases`, `reserve_bytes`: see `PoolClient`."""
         self.transfer = transfer
         self._secret = secret
         self._hold_leases = hold_leases
+        self._reserve_bytes = reserve_bytes
         self.model = model
         self.block_tokens = block_tokens
         self._address = ""
@@ -64,7 +65,7 @@ class PrefixCache:
             self._channel = grpc.aio.insecure_channel(address)
             self._session = PoolSession(pb_grpc.CacheStoreStub(self._channel), self._secret)
             self._client = PoolClient(self._session, self.transfer, rpc_timeout_s=RPC_TIMEOUT_S,
-                                      hold_leases=self._hold_leases)
+                                      hold_leases=self._hold_leases, reserve_bytes=self._reserve_bytes)
 
     @property
     def is_available(self) -> bool:

@@ -169,7 +169,8 @@ class PrefillService:
         await self.transfer.start()
         if self.settings.is_cache_enabled and not self._has_own_cache:
             self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens,
-                                     self.settings.secret_bytes(), self.settings.cache_hold_leases)
+                                     self.settings.secret_bytes(), self.settings.cache_hold_leases,
+                                     self.settings.cache_reserve_bytes)
             await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
         await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)

@@ -476,3 +476,95 @@ async def test_a_held_block_that_fails_its_checksum_is_dropped_and_let_go(env):
     assert await env.get(c, range(2)) == [True, False]
     assert c.num_held == 1 and visible(env.master) == {KEYS[0]}
     await c.close()
+
+
+# ---- reserved slots ------------------------------------------------------------------------------------------
+
+
+async def test_reserved_slots_put_blocks_with_no_put_start(env):
+    c = env.client(reserve_bytes=4 * BLOCK)
+    assert await env.put(c, range(2)) == [True] * 2
+    if env.session is None:
+        assert c.reserve_bytes == 0 and env.stub.calls == {"BatchPutStart": 1}
+        await c.close()
+        return
+    # One Reserve for the two blocks and a stock of four (4 * BLOCK); no put start.
+    # The master counts the two written ones too, until their ends arrive.
+    assert env.stub.calls == {"Reserve": 1} and c.num_slots == 4 and env.master.num_slots == 6
+    # Written, ended on the next call: invisible until then.
+    assert visible(env.master) == set() and c.num_pending == 2
+    assert await env.put(c, range(2, 4)) == [True] * 2
+    assert env.stub.calls == {"Reserve": 1} and c.num_slots == 2
+    await c.flush()
+    assert visible(env.master) == set(KEYS[:4]) and env.master.num_slots == 2
+    assert await env.get(c, range(4)) == [True] * 4
+    assert np.array_equal(env.back[:4 * BLOCK], env.data[:4 * BLOCK])
+    # Taking the last two leaves the stock below half: it is refilled in the background.
+    assert await env.put(c, range(4, 6)) == [True] * 2
+    assert await settled(lambda: c.num_slots == 4) and env.stub.calls["Reserve"] == 2
+    assert env.stub.calls.get("BatchPutStart", 0) == 0
+    await c.close()
+    # Closing gives the stock back; every block written is visible.
+    assert env.master.num_slots == 0 and visible(env.master) == set(KEYS[:6])
+
+
+async def test_a_slot_put_of_a_key_the_pool_holds_keeps_the_first_block(env):
+    if env.session is None:
+        pytest.skip("slots are reserved over sessions only")
+    c = env.client(reserve_bytes=4 * BLOCK)
+    await env.put(c, range(1))
+    await c.flush()
+    (first,) = env.master.replicas(KEYS[0])
+    # Written again into a slot (the writer cannot know the pool holds it); at its end the slot goes back.
+    assert await env.put(c, range(1)) == [True]
+    await c.flush()
+    assert env.master.replicas(KEYS[0]) == [first] and env.master.num_slots == c.num_slots == 3
+    await c.close()
+
+
+async def test_a_stock_not_written_to_goes_back(env):
+    if env.session is None:
+        pytest.skip("slots are reserved over sessions only")
+    c = env.client(reserve_bytes=4 * BLOCK, hold_idle_s=0.1, linger_s=0.01)
+    await env.put(c, range(2))
+    assert c.num_slots == 4
+    assert await settled(lambda: c.num_slots == 0 and env.master.num_slots == 0)
+    assert visible(env.master) == set(KEYS[:2])
+    await c.close()
+
+
+async def test_slots_are_not_written_after_the_stream_ends(env):
+    if env.session is None:
+        pytest.skip("slots are reserved over sessions only")
+    c = env.client(reserve_bytes=4 * BLOCK)
+    await env.put(c, range(1))
+    await c.flush()
+    offsets = [slot.replica.offset for slot in c._stock[BLOCK]]
+    before = [bytes(env.dram.view[o:o + BLOCK]) for o in offsets]
+    epoch = env.session.epoch
+    env.servicer.use(Pool(PoolMaster()))  # a new pool, with no instance yet
+    assert await settled(lambda: env.session.epoch != epoch)
+    # The old pool's slots are not written (its memory is the new master's to give out): the put asks the new
+    # pool, which has no room.
+    assert await env.put(c, range(1, 2)) == [False]
+    assert [bytes(env.dram.view[o:o + BLOCK]) for o in offsets] == before
+    assert c.num_slots == 0 and env.stub.calls["Reserve"] == 2 and env.stub.calls["BatchPutStart"] == 1
+    await c.close()
+
+
+async def test_reserve_as_a_unary_call_and_its_refusals(env):
+    for size, count in ((0, 1), (BLOCK, 0), (BLOCK, 4097)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await env.raw_stub.Reserve(pb.ReserveRequest(size=size, count=count))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = await env.raw_stub.Reserve(pb.ReserveRequest(size=BLOCK, count=2))
+    assert len(reply.slots) == 2 and reply.term_s == env.master.put_timeout_s
+    slot, spare = reply.slots
+    await env.engine.write(env.src, 0, slot.replica.segment, slot.replica.buffer_id, slot.replica.offset, BLOCK)
+    done = pb.Done(slot_ends=[pb.SlotEnd(slot_id=slot.slot_id, key=KEYS[0], checksum=env.sums[0])],
+                   returned_slots=[spare.slot_id])
+    await env.raw_stub.BatchPutEnd(pb.KeysRequest(done=done))
+    assert visible(env.master) == {KEYS[0]} and env.master.num_slots == 0
+    c = env.client()
+    assert await env.get(c, range(1)) == [True] and np.array_equal(env.back[:BLOCK], env.data[:BLOCK])
+    await c.close()

@@ -238,3 +238,72 @@ def test_a_late_put_end_after_the_revocation_is_refused():
     with pytest.raises(PoolError, match="unknown block"):
         m.put_end(K[0])
     assert m.tier_usage() == [("a", "dram", 256, 0, 0)]
+
+
+# ---- reserved slots ------------------------------------------------------------------------------------------
+
+
+def test_reserved_slots_become_blocks_at_their_ends_and_go_back_when_returned():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=512)
+    slots = m.reserve(128, 3)
+    assert [r for _, r in slots] == [Replica("a", "dram", 0, 128), Replica("a", "dram", 128, 128),
+                                     Replica("a", "dram", 256, 128)]
+    assert len({i for i, _ in slots}) == 3 and m.num_slots == 3 and m.num_blocks == 0
+    (s0, _), (s1, _), (s2, _) = slots
+    # Only one more block fits beside them, and a reserve gets what there is.
+    (s3, r3), = m.reserve(128, 2)
+    assert r3 == Replica("a", "dram", 384, 128)
+    # Ended with its key: the block is visible at once, where the slot was.
+    assert m.end_slot(s1, K[0], "crc") == 128
+    assert m.exists(K[0]) and m.replicas(K[0]) == [Replica("a", "dram", 128, 128)] and m.checksum(K[0]) == "crc"
+    assert m.take_changes()[0].replica == Replica("a", "dram", 128, 128)
+    # A key the pool holds already keeps its block; that slot goes back (its room is free again).
+    assert m.end_slot(s0, K[0], "crc") == 0 and m.replicas(K[0]) == [Replica("a", "dram", 128, 128)]
+    assert m.put_start(K[1], 100, "crc")[0] == [Replica("a", "dram", 0, 100)]
+    # An id ended, returned, or unknown (another pool's) changes nothing.
+    assert m.end_slot(s1, K[2], "crc") == 0 and m.end_slot(12345, K[2], "crc") == 0 and not m.exists(K[2])
+    m.return_slot(s2)
+    m.return_slot(s2)
+    assert m.num_slots == 1 and m.put_start(K[3], 128, "crc")[0] == [Replica("a", "dram", 256, 128)]
+    # An empty key is no block: the slot goes back.
+    assert m.end_slot(s3, b"", "crc") == 0 and not m.exists(b"") and m.num_slots == 0
+    assert m.put_start(K[4], 128, "crc")[0] == [Replica("a", "dram", 384, 128)]
+
+
+def test_a_reserve_evicts_lru_blocks_but_slots_are_never_evicted():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=256)
+    put(m, K[0], 128)
+    put(m, K[1], 128)
+    (s0, r0), = m.reserve(128, 1)
+    # K0, the oldest, made room for the slot.
+    assert r0 == Replica("a", "dram", 0, 128) and not m.exists(K[0]) and m.num_evictions == 1
+    # A put now evicts K1, not the slot.
+    assert m.put_start(K[2], 128, "crc")[0] == [Replica("a", "dram", 128, 128)] and not m.exists(K[1])
+    with pytest.raises(PoolError):
+        m.put_start(K[3], 128, "crc")  # the slot and the block being written hold all of it
+    assert m.end_slot(s0, K[0], "crc") == 128 and m.exists(K[0])
+
+
+def test_a_slot_not_ended_within_the_put_timeout_goes_back():
+    clock = Clock()
+    m = PoolMaster(clock=clock, put_timeout_s=30.0)
+    m.add_instance("a", dram_bytes=256)
+    (s0, _), (s1, _) = m.reserve(128, 2)
+    clock.now = 29.0
+    assert m.end_slot(s0, K[0], "crc") == 128
+    clock.now = 30.5
+    assert m.put_start(K[1], 128, "crc")[0] == [Replica("a", "dram", 128, 128)]  # s1's room came back
+    assert m.num_slots == 0 and m.num_expired_puts == 1 and m.end_slot(s1, K[2], "crc") == 0
+
+
+def test_an_instance_that_goes_takes_its_slots():
+    m = PoolMaster()
+    m.add_instance("a", dram_bytes=256)
+    m.add_instance("b", dram_bytes=512)
+    slots = m.reserve(128, 2)
+    # Most free first: b, then b again (384 free there against a's 256).
+    assert [r.instance_id for _, r in slots] == ["b", "b"]
+    m.remove_instance("b")
+    assert m.num_slots == 0 and m.end_slot(slots[0][0], K[0], "crc") == 0 and not m.exists(K[0])

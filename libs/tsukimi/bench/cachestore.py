@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leases the client keeps to read their blocks again with no call to the master, as "
                              "the workers' clients do (default: their setting's default; 0: every get asks the "
                              "master)")
+    parser.add_argument("--reserve-bytes", type=int, default=Settings.model_fields["cache_reserve_bytes"].default,
+                        help="bytes of reserved slots the client keeps to put blocks with no put start, as the "
+                             "workers' clients do (default: their setting's default; 0: every put asks the master)")
     parser.add_argument("--verify", action="store_true",
                         help="timed gets verify each block's checksum, as the prefill's reads do")
     parser.add_argument("--json", action="store_true")
@@ -93,7 +96,8 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
         return [gen.to_bytes(4, "big") + i.to_bytes(28, "big") for i in range(args.num_blocks)]
 
     session = None if args.unary else PoolSession(stub, None if args.no_lane else secret.encode())
-    client = PoolClient(session or stub, engine, rpc_timeout_s=10.0, hold_leases=args.hold_leases)
+    client = PoolClient(session or stub, engine, rpc_timeout_s=10.0, hold_leases=args.hold_leases,
+                        reserve_bytes=args.reserve_bytes)
     sizes, offsets = [size] * args.num_blocks, [i * size for i in range(args.num_blocks)]
 
     async def in_flight(run_batch) -> None:
@@ -178,7 +182,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
     for r in results:
         r.update(system="tsukimi-cachestore", transport=args.transport, block_size=args.block_size,
                  batch=args.batch, batch_size=group, inflight=args.inflight, verify=args.verify,
-                 hold_leases=client.hold_leases,
+                 hold_leases=client.hold_leases, reserve_bytes=client.reserve_bytes,
                  calls=calls, ops_per_s=round(r["ops_per_s"], 1),
                  gb_per_s=round(r["ops_per_s"] * args.block_size / 1e9, 3), elapsed_s=round(r["elapsed_s"], 3))
         if "remove_s" in r:

@@ -14,6 +14,13 @@ it is, as it did for the first read. A held lease goes back once not used for `h
 it may be gone: see `PoolSession.epoch`). Such reads ride on the next call as `held_read_keys`, so the master
 still counts them as hits and accesses.
 
+With `reserve_bytes` (over a `PoolSession` only), a writer keeps a stock of reserved slots (`Reserve`: room for
+one block each, keys not known yet) of about that many bytes per block size, and writes a block into a slot with no
+put start: the block becomes visible with its slot end, which rides on the next call as a put end does. Stock runs
+low: more is reserved in the background; it goes back once not used for `hold_idle_s` and on `close`. A slot is not
+written past its term (less a margin) nor after the session's stream ended. Blocks of more replicas than one, or
+of a size there is no stock of, take the plain put start.
+
 What stays as in the plain protocol: a block's put end is sent only after all its bytes are written (a deferred
 end makes it visible later, never earlier); a block whose write failed is revoked; a lease is given back only
 after the read's copies are over, and a read block is checked against its checksum unless the caller says not to.
@@ -41,10 +48,35 @@ from tsukimi.transfer.engine import LocalBuffer, TransferEngine
 log = logging.getLogger(__name__)
 
 
+def _stream_of_reply(before: int, after: int) -> int | None:
+    """The `PoolSession.epoch` of the stream a reply came on, from the epochs before the call and after its reply;
+    None when the stream may have changed meanwhile (what the reply says may be of a master that is gone)."""
+    if after % 2 and (after == before or (after == before + 1 and not before % 2)):
+        return after  # NOTE: the same open stream, or the one the call itself opened.
+    return None
+
+
+# Most slots one Reserve asks for (the servicer's bound).
+_MAX_RESERVE = 4096
+
+
 def _hold_margin_s(lease_s: float) -> float:
     """How long before its term a held lease stops being used: time for the last read under it to end, and for
     clocks that run at slightly different rates."""
     return max(1.0, 0.2 * lease_s)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """Room reserved for one block, to write with no put start."""
+
+    slot_id: int
+    # Where to write.
+    replica: pb.Replica
+    # Local monotonic time after which it is not written (its term from when its reserve was sent, less a margin).
+    until: float
+    # `PoolSession.epoch` when the master gave it.
+    epoch: int
 
 
 @dataclass(slots=True)
@@ -71,16 +103,29 @@ class PoolClient:
     """Batch puts and gets against the pool master behind `stub`; safe to use from many tasks at once."""
 
     def __init__(self, stub: pb_grpc.CacheStoreStub, transfer: TransferEngine, *, rpc_timeout_s: float = 2.0,
-                 linger_s: float = 0.002, hold_leases: int = 0, hold_idle_s: float = 1.0):
+                 linger_s: float = 0.002, hold_leases: int = 0, hold_idle_s: float = 1.0, reserve_bytes: int = 0):
         self.stub = stub
         self.transfer = transfer
         self.rpc_timeout_s = rpc_timeout_s
         # How long finished work (put ends, releases) may wait for a call to ride on before it gets its own.
         self.linger_s = linger_s
         # Most leases kept after their reads (0: each given back after its read); only over a PoolSession.
-        self.hold_leases = hold_leases if isinstance(getattr(stub, "epoch", None), int) else 0
-        # A held lease not read under for this long goes back.
+        is_session = isinstance(getattr(stub, "epoch", None), int)
+        self.hold_leases = hold_leases if is_session else 0
+        # A held lease not read under, or a stock of slots not written to, for this long goes back.
         self.hold_idle_s = hold_idle_s
+        # Bytes of reserved slots kept in stock per block size (0: every put starts with a put start); only over a
+        # PoolSession.
+        self.reserve_bytes = reserve_bytes if is_session else 0
+        # Block size -> its stock of slots, and when a slot of it was last taken.
+        self._stock: dict[int, list[_Slot]] = {}
+        self._stock_used_at: dict[int, float] = {}
+        # Block sizes whose stock is being refilled in the background.
+        self._refilling: set[int] = set()
+        # (slot id, key, checksum) of slots written, and ids of slots to give back, not sent yet.
+        self._slot_ends: list[tuple[int, bytes, str]] = []
+        self._returned_slots: list[int] = []
+        self._slot_sweeper: asyncio.TimerHandle | None = None
         self._ends: list[bytes] = []
         # (key, lease id) of the leases to give back.
         self._releases: list[tuple[bytes, int]] = []
@@ -101,14 +146,19 @@ class PoolClient:
     # ---- the work carried on the next call -----------------------------------------------------------------
 
     def _take_done(self) -> pb.Done | None:
-        if not self._ends and not self._releases and not self._held_reads:
+        if not (self._ends or self._releases or self._held_reads or self._slot_ends or self._returned_slots):
             return None
-        done = pb.Done(put_end_keys=self._ends, held_read_keys=self._held_reads)
+        done = pb.Done(put_end_keys=self._ends, held_read_keys=self._held_reads, returned_slots=self._returned_slots)
         add = done.releases.add
         for key, lease_id in self._releases:
             release = add()
             release.key, release.lease_id = key, lease_id
+        add = done.slot_ends.add
+        for slot_id, key, checksum in self._slot_ends:
+            end = add()
+            end.slot_id, end.key, end.checksum = slot_id, key, checksum
         self._ends, self._releases, self._held_reads = [], [], []
+        self._slot_ends, self._returned_slots = [], []
         if self._flusher is not None:
             self._flusher.cancel()
             self._flusher = None
@@ -143,8 +193,97 @@ class PoolClient:
 
     @property
     def num_pending(self) -> int:
-        """Put ends, releases and held reads not sent yet."""
-        return len(self._ends) + len(self._releases) + len(self._held_reads)
+        """Put ends, releases, held reads, slot ends and slots to give back, not sent yet."""
+        return (len(self._ends) + len(self._releases) + len(self._held_reads) + len(self._slot_ends)
+                + len(self._returned_slots))
+
+    @property
+    def num_slots(self) -> int:
+        """Reserved slots in stock (see `reserve_bytes`)."""
+        return sum(len(stock) for stock in self._stock.values())
+
+    # ---- reserved slots ----------------------------------------------------------------------------------
+
+    def _stock_target(self, size: int) -> int:
+        return self.reserve_bytes // size
+
+    async def _take_slots(self, sizes: Sequence[int]) -> dict[int, _Slot]:
+        """Index -> the slot to write it into, for the blocks there is (or can be reserved) stock for."""
+        now = time.monotonic()
+        epoch = self.stub.epoch
+        taken: dict[int, _Slot] = {}
+        missing: dict[int, list[int]] = {}  # block size -> indices with no slot yet
+        for i, size in enumerate(sizes):
+            if size <= 0 or not self._stock_target(size):
+                continue
+            stock = self._stock.get(size)
+            while stock:
+                slot = stock.pop()
+                if slot.epoch == epoch and slot.until > now:
+                    taken[i] = slot
+                    break
+                # NOTE: one over its term goes back; one of another stream is left to expire (its pool may be gone).
+                if slot.epoch == epoch:
+                    self._returned_slots.append(slot.slot_id)
+            else:
+                missing.setdefault(size, []).append(i)
+            self._stock_used_at[size] = now
+        try:
+            for size, indices in missing.items():
+                slots = await self._reserve(size, len(indices) + self._stock_target(size))
+                for i, slot in zip(indices, slots):
+                    taken[i] = slot
+                self._stock.setdefault(size, []).extend(slots[len(indices):])
+        except BaseException:
+            for i, slot in taken.items():  # NOTE: not written: back in stock.
+                self._stock.setdefault(sizes[i], []).append(slot)
+            raise
+        for size in {sizes[i] for i in taken}:
+            if len(self._stock.get(size, ())) < self._stock_target(size) // 2 and size not in self._refilling:
+                self._refilling.add(size)
+                self._spawn(self._refill(size))
+        if self._slot_sweeper is None and not self._closed:
+            self._slot_sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep_slots)
+        return taken
+
+    async def _reserve(self, size: int, count: int) -> list[_Slot]:
+        """Reserves up to `count` slots of `size` bytes; [] when the stream changed meanwhile (its slots are left
+        to expire: their pool may be gone)."""
+        before, sent_at = self.stub.epoch, time.monotonic()
+        reply = await self._call(self.stub.Reserve, pb.ReserveRequest(size=size, count=min(count, _MAX_RESERVE),
+                                                                       done=self._take_done()))
+        epoch = _stream_of_reply(before, self.stub.epoch)
+        if epoch is None:
+            return []
+        until = sent_at + reply.term_s - _hold_margin_s(reply.term_s)
+        return [_Slot(slot.slot_id, slot.replica, until, epoch) for slot in reply.slots]
+
+    async def _refill(self, size: int) -> None:
+        try:
+            stock = self._stock.setdefault(size, [])
+            wanted = self._stock_target(size) - len(stock)
+            if wanted > 0 and not self._closed:
+                stock.extend(await self._reserve(size, wanted))
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache pool: reserving slots failed: %s", exc.code().name)
+        finally:
+            self._refilling.discard(size)
+
+    def _return_stock(self, size: int) -> None:
+        epoch = getattr(self.stub, "epoch", None)
+        self._returned_slots.extend(s.slot_id for s in self._stock.pop(size, ()) if s.epoch == epoch)
+        self._stock_used_at.pop(size, None)
+        self._arm()
+
+    def _sweep_slots(self) -> None:
+        """Gives back the stock of a block size not written to for `hold_idle_s`; looks again later while any."""
+        self._slot_sweeper = None
+        idle_since = time.monotonic() - self.hold_idle_s
+        for size in [n for n, used_at in self._stock_used_at.items() if used_at <= idle_since]:
+            if size not in self._refilling:
+                self._return_stock(size)
+        if self._stock and not self._closed:
+            self._slot_sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep_slots)
 
     @property
     def num_held(self) -> int:
@@ -244,9 +383,12 @@ class PoolClient:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._slot_sweeper):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._slot_sweeper = None
+        for size in list(self._stock):
+            self._return_stock(size)
         await self._flush_quietly(self.flush)
 
     # ---- operations --------------------------------------------------------------------------------------
@@ -269,34 +411,62 @@ class PoolClient:
     async def put_many(self, keys: Sequence[bytes], local: LocalBuffer, offsets: Sequence[int],
                        sizes: Sequence[int], checksums: Sequence[str], num_replicas: int = 1) -> list[bool]:
         """Writes the blocks at `offsets` of `local` under `keys`; per key, True when this call wrote it (False:
-        the pool holds it or is being given it already, had no room, or the write failed). The blocks become
+        the pool holds it or is being given it already, had no room, or the write failed; a block written into a
+        reserved slot is True even when the pool turns out to hold it already, and keeps that block). The blocks become
         visible with their put end, which rides on this client's next call (at most `linger_s` later; `flush`
         forces it). Raises grpc.aio.AioRpcError when the pool master cannot be asked."""
         return await self._run(self._put_many(keys, local, offsets, sizes, checksums, num_replicas))
 
     async def _put_many(self, keys, local, offsets, sizes, checksums, num_replicas) -> list[bool]:
-        request = pb.BatchPutStartRequest(done=self._take_done())
-        add = request.puts.add
-        for key, size, checksum in zip(keys, sizes, checksums):
-            # NOTE: fields set one by one on added entries: ~2.5x faster than messages built and copied in.
-            put = add()
-            put.key, put.size, put.checksum, put.num_replicas = key, size, checksum, num_replicas
-        starts = (await self._call(self.stub.BatchPutStart, request)).puts
+        slots = await self._take_slots(sizes) if self.reserve_bytes and num_replicas <= 1 else {}
+        # The indices that take a put start, and the replicas each got (none: the pool holds it, or no room).
+        started: list[int] = [i for i in range(len(keys)) if i not in slots] if slots else list(range(len(keys)))
+        replicas_of: dict[int, list] = {}
+        try:
+            if started:
+                request = pb.BatchPutStartRequest(done=self._take_done())
+                add = request.puts.add
+                for i in started:
+                    # NOTE: fields set one by one on added entries: ~2.5x faster than messages built and copied in.
+                    put = add()
+                    put.key, put.size, put.checksum, put.num_replicas = keys[i], sizes[i], checksums[i], num_replicas
+                starts = (await self._call(self.stub.BatchPutStart, request)).puts
+                replicas_of = {i: start.replicas for i, start in zip(started, starts)}
+        except BaseException:
+            self._returned_slots.extend(slot.slot_id for slot in slots.values())
+            self._arm()
+            raise
         requests = []
         owners = []  # per request, the index of its key
-        for i, start in enumerate(starts):
-            for replica in start.replicas:  # NOTE: every replica is written, not only the first.
-                requests.append(TransferRequest(Op.WRITE, local, offsets[i], replica.segment, replica.buffer_id,
+        write = Op.WRITE
+        for i, slot in slots.items():
+            replica = slot.replica
+            requests.append(TransferRequest(write, local, offsets[i], replica.segment, replica.buffer_id,
+                                            replica.offset, sizes[i]))
+            owners.append(i)
+        for i, replicas in replicas_of.items():
+            for replica in replicas:  # NOTE: every replica is written, not only the first.
+                requests.append(TransferRequest(write, local, offsets[i], replica.segment, replica.buffer_id,
                                                 replica.offset, sizes[i]))
                 owners.append(i)
-        written = [bool(start.replicas) for start in starts]
-        if requests:
-            statuses = await self.transfer.wait(await self.transfer.submit(requests))
-            for i, st in zip(owners, statuses):
-                if st.status != Status.COMPLETED:
-                    written[i] = False
-        ends = [k for k, s, ok in zip(keys, starts, written) if ok]
-        failed = [k for k, s, ok in zip(keys, starts, written) if s.replicas and not ok]
+        written = [i in slots or bool(replicas_of.get(i)) for i in range(len(keys))]
+        try:
+            if requests:
+                statuses = await self.transfer.wait(await self.transfer.submit(requests))
+                for i, st in zip(owners, statuses):
+                    if st.status != Status.COMPLETED:
+                        written[i] = False
+        finally:
+            # NOTE: a slot is ended or given back even when the caller is gone (the write has stopped by then).
+            for i, slot in slots.items():
+                if written[i]:
+                    self._slot_ends.append((slot.slot_id, keys[i], checksums[i]))
+                else:
+                    self._returned_slots.append(slot.slot_id)
+            if slots:
+                self._arm()
+        ends = [keys[i] for i in replicas_of if written[i]]
+        failed = [keys[i] for i, replicas in replicas_of.items() if replicas and not written[i]]
         if ends:
             self._ends.extend(ends)
             self._arm()
@@ -343,7 +513,9 @@ class PoolClient:
                                          is_prefix=is_prefix)
                 gets = (await self._call(self.stub.BatchGet, request)).gets
                 # NOTE: a lease is held only when its get's stream stayed the same throughout.
-                can_hold = self.hold_leases > 0 and getattr(self.stub, "epoch", 0) == epoch
+                if self.hold_leases > 0:
+                    epoch = _stream_of_reply(epoch, self.stub.epoch)
+                    can_hold = epoch is not None
                 for i, got in zip(ask, gets):
                     if not got.found:
                         continue

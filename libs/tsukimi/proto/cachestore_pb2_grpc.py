@@ -129,6 +129,11 @@ class CacheStoreStub:
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
                 response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
                 _registered_method=True)
+        self.Reserve = channel.unary_unary(
+                '/tsukimi.cachestore.v1.CacheStore/Reserve',
+                request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/tsukimi.cachestore.v1.CacheStore/Session',
                 request_serializer=tsukimi_dot_proto_dot_cachestore__pb2.SessionRequest.SerializeToString,
@@ -258,6 +263,12 @@ class CacheStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reserve(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """Batch operations as messages of one stream; an operation the unary call would refuse ends the stream with
         that call's status.
@@ -369,6 +380,11 @@ def add_CacheStoreServicer_to_server(servicer, server):
                     servicer.BatchChangeReplicas,
                     request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.FromString,
                     response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.SerializeToString,
+            ),
+            'Reserve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reserve,
+                    request_deserializer=tsukimi_dot_proto_dot_cachestore__pb2.ReserveRequest.FromString,
+                    response_serializer=tsukimi_dot_proto_dot_cachestore__pb2.ReserveReply.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -894,6 +910,33 @@ class CacheStore:
             '/tsukimi.cachestore.v1.CacheStore/BatchChangeReplicas',
             tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasRequest.SerializeToString,
             tsukimi_dot_proto_dot_cachestore__pb2.BatchChangeReplicasReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reserve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tsukimi.cachestore.v1.CacheStore/Reserve',
+            tsukimi_dot_proto_dot_cachestore__pb2.ReserveRequest.SerializeToString,
+            tsukimi_dot_proto_dot_cachestore__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,
