@@ -5,7 +5,8 @@
 # blocks. Prints one line per system and round (GB/s). Compare like with like: one at a time with "session", two at
 # once ("mooncake-store x2") with "--inflight 2". "session" is the workers' client as configured by default: it
 # holds the leases of blocks it read and reads them again with no call to the master ("held": the share of the
-# timed gets read so); "--hold-leases 0" asks the master for every get, as Mooncake Store's client does.
+# timed gets read so), and puts blocks into slots it reserved ahead, with no put start; "--hold-leases 0
+# --reserve-bytes 0" asks the master for every get and put, as Mooncake Store's client does.
 #
 #   scripts/bench-pool-compare.sh [ROUNDS] [BLOCK_BYTES] [batch|single]   # defaults: 3 rounds, 262144, batch
 #
@@ -19,8 +20,8 @@ ROUNDS=${1:-3}
 BLOCK=${2:-262144}
 SHAPE=${3:-batch}
 case "$SHAPE" in
-  batch) BATCH=--batch; THREADS="1 2"; MODES=("--unary" "" "--hold-leases 0" "--inflight 2") ;;
-  single) BATCH=; THREADS=1; MODES=("--unary" "" "--hold-leases 0") ;;
+  batch) BATCH=--batch; THREADS="1 2"; MODES=("--unary" "" "--hold-leases 0 --reserve-bytes 0" "--inflight 2") ;;
+  single) BATCH=; THREADS=1; MODES=("--unary" "" "--hold-leases 0 --reserve-bytes 0") ;;
   *) echo "usage: $0 [ROUNDS] [BLOCK_BYTES] [batch|single]" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-.venv/bin/python}
