@@ -385,10 +385,10 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def answer(self, request: pb.SessionRequest, context) -> tuple[pb.SessionReply, Callable | None]:
         """One session message (gRPC stream or session lane): its reply, built by the unary call's own handler
         (timed under its name; a refusal is `context.abort`), and the work to apply once the reply has gone
-        (None: nothing), before the next message is read. NOTE: what a put start's `done` carries, and the
-        releases a get's carries, change nothing in that call's answer: they are applied after its reply (off
-        the client's wait), as are the held reads it carries; the put ends a get carries are applied before it, as a
-        reader may ask for what it has just put."""
+        (None: nothing), before the next message is read. NOTE: what a put start's or a reserve's `done` carries,
+        and the releases and held reads a get's carries, change nothing in that call's answer: they are applied
+        after its reply (off the client's wait); the put ends a get carries are applied before it, as a reader may
+        ask for what it has just put."""
         op = request.WhichOneof("op")
         if op == "put_start":
             # NOTE: answers are built in place in the reply (no copy of a built message into it).

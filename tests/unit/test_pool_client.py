@@ -370,6 +370,25 @@ async def test_session_operations_waiting_when_the_server_stops_fail_in_time(env
 # ---- held leases ---------------------------------------------------------------------------------------------
 
 
+async def holding(env, num: int, **kwargs) -> PoolClient:
+    """A client (over a session: unary calls hold no leases) that has put blocks 0..num-1 and read them once, and
+    now holds their leases."""
+    if env.session is None:
+        pytest.skip("leases are held and slots reserved over sessions only")
+    c = env.client(**kwargs)
+    await env.put(c, range(num))
+    await c.flush()
+    assert await env.get(c, range(num)) == [True] * num and c.num_held == num
+    return c
+
+
+async def replace_pool(env) -> None:
+    """The instance's pool gives way to a new one (with no instance yet); the open session ends with it."""
+    epoch = env.session.epoch
+    env.servicer.use(Pool(PoolMaster()))
+    assert await settled(lambda: env.session.epoch != epoch)
+
+
 async def test_held_leases_read_blocks_again_with_no_call_to_the_master(env):
     c = env.client(hold_leases=8)
     await env.put(c, range(4))
@@ -401,7 +420,7 @@ async def test_held_leases_read_blocks_again_with_no_call_to_the_master(env):
 
 async def test_held_leases_are_bounded_and_go_back_when_idle(env):
     if env.session is None:
-        pytest.skip("leases are held over sessions only")
+        pytest.skip("leases are held and slots reserved over sessions only")
     c = env.client(hold_leases=2, hold_idle_s=0.1, linger_s=0.01)
     await env.put(c, range(4))
     await c.flush()
@@ -414,13 +433,8 @@ async def test_held_leases_are_bounded_and_go_back_when_idle(env):
 
 
 async def test_a_held_lease_is_not_used_past_its_term(env):
-    if env.session is None:
-        pytest.skip("leases are held over sessions only")
     env.master.lease_s = 1.5  # held for at most 1.5 s less the margin (1 s) from when its get went out
-    c = env.client(hold_leases=8, hold_idle_s=60.0)
-    await env.put(c, range(2))
-    await c.flush()
-    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    c = await holding(env, 2, hold_leases=8, hold_idle_s=60.0)
     assert await env.get(c, range(2)) == [True] * 2 and env.stub.calls["BatchGet"] == 1
     await asyncio.sleep(0.6)
     assert await env.get(c, range(2)) == [True] * 2
@@ -432,16 +446,8 @@ async def test_a_held_lease_is_not_used_past_its_term(env):
 
 
 async def test_held_leases_are_not_used_after_the_stream_ends(env):
-    if env.session is None:
-        pytest.skip("leases are held over sessions only")
-    c = env.client(hold_leases=8)
-    await env.put(c, range(2))
-    await c.flush()
-    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
-    # The instance stops being the master and a new pool takes its place: the open session ends with it.
-    epoch = env.session.epoch
-    env.servicer.use(Pool(PoolMaster()))
-    assert await settled(lambda: env.session.epoch != epoch)
+    c = await holding(env, 2, hold_leases=8)
+    await replace_pool(env)
     # The leases of the pool that went are not read under (its memory is another master's to give out now).
     assert await env.get(c, range(2)) == [False, False]
     assert env.stub.calls["BatchGet"] == 2 and c.num_held == 0 and c.num_held_reads == 0
@@ -449,12 +455,9 @@ async def test_held_leases_are_not_used_after_the_stream_ends(env):
 
 
 async def test_a_prefix_is_read_under_held_leases_up_to_its_first_block_not_held(env):
-    if env.session is None:
-        pytest.skip("leases are held over sessions only")
-    c = env.client(hold_leases=8)
-    await env.put(c, range(6))
-    await c.flush()
-    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    c = await holding(env, 2, hold_leases=8)
+    await env.put(c, range(2, 6))
+    assert await env.get(c, range(6, 6)) == []  # carries their ends (a flush would give the held leases back)
     assert list((await env.raw_stub.BatchRemove(pb.KeysRequest(keys=KEYS[4:5]))).removed) == [True]
     read = await c.get_many(KEYS[:6], env.dst, [i * BLOCK for i in range(6)], [BLOCK] * 6, is_prefix=True)
     # 0-1 under held leases, 2-3 from the master, and nothing after the gap at 4 (5 is there, but not leased).
@@ -465,12 +468,7 @@ async def test_a_prefix_is_read_under_held_leases_up_to_its_first_block_not_held
 
 
 async def test_a_held_block_that_fails_its_checksum_is_dropped_and_let_go(env):
-    if env.session is None:
-        pytest.skip("leases are held over sessions only")
-    c = env.client(hold_leases=8)
-    await env.put(c, range(2))
-    await c.flush()
-    assert await env.get(c, range(2)) == [True] * 2 and c.num_held == 2
+    c = await holding(env, 2, hold_leases=8)
     offset = c._held[KEYS[1]].replica.offset
     env.dram.view[offset] = (env.dram.view[offset] + 1) % 256
     assert await env.get(c, range(2)) == [True, False]
@@ -493,15 +491,16 @@ async def test_reserved_slots_put_blocks_with_no_put_start(env):
     assert env.stub.calls == {"Reserve": 1} and c.num_slots == 4 and env.master.num_slots == 6
     # Written, ended on the next call: invisible until then.
     assert visible(env.master) == set() and c.num_pending == 2
+    # Taken from the stock, down to half: filled again in the background (the reserve carries the four ends).
     assert await env.put(c, range(2, 4)) == [True] * 2
-    assert env.stub.calls == {"Reserve": 1} and c.num_slots == 2
+    assert await settled(lambda: c.num_slots == 4) and env.stub.calls == {"Reserve": 2}
+    assert await settled(lambda: visible(env.master) == set(KEYS[:4]))
     await c.flush()
-    assert visible(env.master) == set(KEYS[:4]) and env.master.num_slots == 2
+    assert env.master.num_slots == 4
     assert await env.get(c, range(4)) == [True] * 4
     assert np.array_equal(env.back[:4 * BLOCK], env.data[:4 * BLOCK])
-    # Taking the last two leaves the stock below half: it is refilled in the background.
     assert await env.put(c, range(4, 6)) == [True] * 2
-    assert await settled(lambda: c.num_slots == 4) and env.stub.calls["Reserve"] == 2
+    assert await settled(lambda: c.num_slots == 4) and env.stub.calls["Reserve"] == 3
     assert env.stub.calls.get("BatchPutStart", 0) == 0
     await c.close()
     # Closing gives the stock back; every block written is visible.
@@ -510,7 +509,7 @@ async def test_reserved_slots_put_blocks_with_no_put_start(env):
 
 async def test_a_slot_put_of_a_key_the_pool_holds_keeps_the_first_block(env):
     if env.session is None:
-        pytest.skip("slots are reserved over sessions only")
+        pytest.skip("leases are held and slots reserved over sessions only")
     c = env.client(reserve_bytes=4 * BLOCK)
     await env.put(c, range(1))
     await c.flush()
@@ -519,12 +518,14 @@ async def test_a_slot_put_of_a_key_the_pool_holds_keeps_the_first_block(env):
     assert await env.put(c, range(1)) == [True]
     await c.flush()
     assert env.master.replicas(KEYS[0]) == [first] and env.master.num_slots == c.num_slots == 3
+    # The second copy's room came back: the block and the three slots in stock are all that is allocated.
+    assert env.master._tiers[("a", "dram")].allocator.num_free_bytes == env.dram.length - 4 * BLOCK
     await c.close()
 
 
 async def test_a_stock_not_written_to_goes_back(env):
     if env.session is None:
-        pytest.skip("slots are reserved over sessions only")
+        pytest.skip("leases are held and slots reserved over sessions only")
     c = env.client(reserve_bytes=4 * BLOCK, hold_idle_s=0.1, linger_s=0.01)
     await env.put(c, range(2))
     assert c.num_slots == 4
@@ -535,15 +536,13 @@ async def test_a_stock_not_written_to_goes_back(env):
 
 async def test_slots_are_not_written_after_the_stream_ends(env):
     if env.session is None:
-        pytest.skip("slots are reserved over sessions only")
+        pytest.skip("leases are held and slots reserved over sessions only")
     c = env.client(reserve_bytes=4 * BLOCK)
     await env.put(c, range(1))
     await c.flush()
     offsets = [slot.replica.offset for slot in c._stock[BLOCK]]
     before = [bytes(env.dram.view[o:o + BLOCK]) for o in offsets]
-    epoch = env.session.epoch
-    env.servicer.use(Pool(PoolMaster()))  # a new pool, with no instance yet
-    assert await settled(lambda: env.session.epoch != epoch)
+    await replace_pool(env)
     # The old pool's slots are not written (its memory is the new master's to give out): the put asks the new
     # pool, which has no room.
     assert await env.put(c, range(1, 2)) == [False]

@@ -16,8 +16,8 @@ still counts them as hits and accesses.
 
 With `reserve_bytes` (over a `PoolSession` only), a writer keeps a stock of reserved slots (`Reserve`: room for
 one block each, keys not known yet) of about that many bytes per block size, and writes a block into a slot with no
-put start: the block becomes visible with its slot end, which rides on the next call as a put end does. Stock runs
-low: more is reserved in the background; it goes back once not used for `hold_idle_s` and on `close`. A slot is not
+put start: the block becomes visible with its slot end, which rides on the next call as a put end does. A stock
+down to half is filled again in the background; it goes back once not used for `hold_idle_s` and on `close`. A slot is not
 written past its term (less a margin) nor after the session's stream ended. Blocks of more replicas than one, or
 of a size there is no stock of, take the plain put start.
 
@@ -239,7 +239,7 @@ class PoolClient:
                 self._stock.setdefault(sizes[i], []).append(slot)
             raise
         for size in {sizes[i] for i in taken}:
-            if len(self._stock.get(size, ())) < self._stock_target(size) // 2 and size not in self._refilling:
+            if len(self._stock.get(size, ())) <= self._stock_target(size) // 2 and size not in self._refilling:
                 self._refilling.add(size)
                 self._spawn(self._refill(size))
         if self._slot_sweeper is None and not self._closed:
