@@ -17,9 +17,9 @@ still counts them as hits and accesses.
 With `reserve_bytes` (over a `PoolSession` only), a writer keeps a stock of reserved slots (`Reserve`: room for
 one block each, keys not known yet) of about that many bytes per block size, and writes a block into a slot with no
 put start: the block becomes visible with its slot end, which rides on the next call as a put end does. A stock
-down to half is filled again in the background; it goes back once not used for `hold_idle_s` and on `close`. A slot is not
-written past its term (less a margin) nor after the session's stream ended. Blocks of more replicas than one, or
-of a size there is no stock of, take the plain put start.
+down to half is filled again in the background; it goes back once not used for `hold_idle_s` and on `close`. A
+slot is not written past its term (less a margin) nor after the session's stream ended. Blocks of more replicas
+than one, of a size there is no stock of, or of a size the pool just had no room for, take the plain put start.
 
 What stays as in the plain protocol: a block's put end is sent only after all its bytes are written (a deferred
 end makes it visible later, never earlier); a block whose write failed is revoked; a lease is given back only
@@ -122,6 +122,8 @@ class PoolClient:
         self._stock_used_at: dict[int, float] = {}
         # Block sizes whose stock is being refilled in the background.
         self._refilling: set[int] = set()
+        # Block size -> until when no slots are asked for (the last reserve found no room).
+        self._no_room_until: dict[int, float] = {}
         # (slot id, key, checksum) of slots written, and ids of slots to give back, not sent yet.
         self._slot_ends: list[tuple[int, bytes, str]] = []
         self._returned_slots: list[int] = []
@@ -214,7 +216,7 @@ class PoolClient:
         taken: dict[int, _Slot] = {}
         missing: dict[int, list[int]] = {}  # block size -> indices with no slot yet
         for i, size in enumerate(sizes):
-            if size <= 0 or not self._stock_target(size):
+            if size <= 0 or not self._stock_target(size) or self._no_room_until.get(size, 0.0) > now:
                 continue
             stock = self._stock.get(size)
             while stock:
@@ -231,6 +233,10 @@ class PoolClient:
         try:
             for size, indices in missing.items():
                 slots = await self._reserve(size, len(indices) + self._stock_target(size))
+                if len(slots) < len(indices):
+                    # NOTE: the pool had no room (nothing it could evict): puts of this size take put starts for a
+                    # while, rather than a reserve and then a put start each.
+                    self._no_room_until[size] = now + self.hold_idle_s
                 for i, slot in zip(indices, slots):
                     taken[i] = slot
                 self._stock.setdefault(size, []).extend(slots[len(indices):])
@@ -412,8 +418,8 @@ class PoolClient:
                        sizes: Sequence[int], checksums: Sequence[str], num_replicas: int = 1) -> list[bool]:
         """Writes the blocks at `offsets` of `local` under `keys`; per key, True when this call wrote it (False:
         the pool holds it or is being given it already, had no room, or the write failed; a block written into a
-        reserved slot is True even when the pool turns out to hold it already, and keeps that block). The blocks become
-        visible with their put end, which rides on this client's next call (at most `linger_s` later; `flush`
+        reserved slot is True even when the pool turns out to hold it already, and keeps that block). The blocks
+        become visible with their put end, which rides on this client's next call (at most `linger_s` later; `flush`
         forces it). Raises grpc.aio.AioRpcError when the pool master cannot be asked."""
         return await self._run(self._put_many(keys, local, offsets, sizes, checksums, num_replicas))
 
