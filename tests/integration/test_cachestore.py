@@ -100,14 +100,16 @@ async def test_cachestore_lifecycle(nats_url: str) -> None:
         assert beat.grpc_address == f"127.0.0.1:{grpc_port}" and beat.kv_segment == instance_id
 
         await _put_and_get_a_block_through_the_pool(nc, beat)
-        await _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat)
+        # The plain client, then the workers' own (held leases, reserved slots), on prompts of their own.
+        await _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat, 0, 0, first_token=0)
+        await _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat, 1024, 16 << 20, first_token=100)
 
         async with httpx.AsyncClient(timeout=2.0) as client:
             metrics = await client.get(f"http://127.0.0.1:{metrics_port}/metrics")
         assert metrics.status_code == 200
         assert "tsukimi_cachestore_up 1.0" in metrics.text
         assert "tsukimi_cachestore_hits_total" in metrics.text
-        assert "tsukimi_cachestore_bad_replicas_total 1.0" in metrics.text
+        assert "tsukimi_cachestore_bad_replicas_total 2.0" in metrics.text
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for family in text_string_to_metric_families(metrics.text) for s in family.samples}
         assert samples[("tsukimi_cachestore_tier_capacity_bytes", (("instance", instance_id), ("tier", "dram")))] \
@@ -171,9 +173,11 @@ async def _put_and_get_a_block_through_the_pool(nc, beat: Heartbeat) -> None:
         await engine.close()
 
 
-async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbeat) -> None:
+async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbeat, hold_leases: int,
+                                                              reserve_bytes: int, first_token: int) -> None:
     """Prefill's pool client (on the master's session lane): blocks it stores load back; a block whose bytes no
-    longer match its checksum ends the usable prefix there and is dropped from the pool."""
+    longer match its checksum ends the usable prefix there and is dropped from the pool (also when the client
+    reads it under a lease it holds)."""
     import uuid
 
     import numpy as np
@@ -188,13 +192,15 @@ async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbea
     from tsukimi.transfer.metadata import NatsMetadataStore
 
     engine = await TransferEngine("prefill-" + uuid.uuid4().hex[:6], SECRET, NatsMetadataStore(nc)).start()
-    cache = PrefixCache(engine, "demo", block_tokens=4, secret=SECRET)
+    cache = PrefixCache(engine, "demo", block_tokens=4, secret=SECRET, hold_leases=hold_leases,
+                        reserve_bytes=reserve_bytes)
     cache.use(beat.grpc_address)
     layout = KVLayout(num_layers=2, num_kv_heads=1, seq_len=4, head_dim=8, dtype="float32")
-    prompt = list(range(13))  # 3 full blocks + 1 token
+    prompt = list(range(first_token, first_token + 13))  # 3 full blocks + 1 token
     kv = [(torch.randn(1, 1, 13, 8), torch.randn(1, 1, 13, 8)) for _ in range(2)]
     try:
         assert await cache.store(prompt, kv, num_cached_blocks=0) == 3
+        assert cache._client.num_slots == (256 if reserve_bytes else 0)  # written into slots; a full stock left
         assert cache._session.transport == "lane"  # prefill's calls go over the master's session lane
         loaded = await cache.load(prompt, layout)
         assert loaded[0][0].shape[2] == 12 and torch.equal(loaded[1][1], kv[1][1][:, :, :12])
@@ -209,6 +215,8 @@ async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbea
             await stub.Release(pb.ReleaseRequest(key=keys[1], lease_id=got.lease_id))
             loaded = await cache.load(prompt, layout)
             assert loaded[0][0].shape[2] == 4  # only the block before the bad one
+            # With held leases, this load asked the master nothing: all three were read under the first load's.
+            assert cache._client.num_held_reads == (3 if hold_leases else 0)
             assert (await stub.Lookup(pb.LookupRequest(keys=keys))).num_leading == 1
             assert not (await stub.Get(pb.KeyRequest(key=keys[1]))).found
     finally:

@@ -15,11 +15,12 @@ it may be gone: see `PoolSession.epoch`). Such reads ride on the next call as `h
 still counts them as hits and accesses.
 
 With `reserve_bytes` (over a `PoolSession` only), a writer keeps a stock of reserved slots (`Reserve`: room for
-one block each, keys not known yet) of about that many bytes per block size, and writes a block into a slot with no
-put start: the block becomes visible with its slot end, which rides on the next call as a put end does. A stock
-down to half is filled again in the background; it goes back once not used for `hold_idle_s` and on `close`. A
-slot is not written past its term (less a margin) nor after the session's stream ended. Blocks of more replicas
-than one, of a size there is no stock of, or of a size the pool just had no room for, take the plain put start.
+one block each, keys not known yet) of about that many bytes per block size (at most 256 slots), and writes a
+block into a slot with no put start: the block becomes visible with its slot end, which rides on the next call as
+a put end does. A stock down to half is filled again in the background; it goes back once not used for
+`hold_idle_s` and on `close`. A slot is not written past its term (less a margin) nor after the session's stream
+ended. Blocks of more replicas than one, of a size there is no stock of, or of a size the pool just had no room
+for, take the plain put start.
 
 What stays as in the plain protocol: a block's put end is sent only after all its bytes are written (a deferred
 end makes it visible later, never earlier); a block whose write failed is revoked; a lease is given back only
@@ -58,6 +59,8 @@ def _stream_of_reply(before: int, after: int) -> int | None:
 
 # Most slots one Reserve asks for (the servicer's bound).
 _MAX_RESERVE = 4096
+# Most slots kept in stock per block size, however small the blocks (each is an allocation at the master).
+_MAX_STOCK = 256
 
 
 def _hold_margin_s(lease_s: float) -> float:
@@ -207,7 +210,7 @@ class PoolClient:
     # ---- reserved slots ----------------------------------------------------------------------------------
 
     def _stock_target(self, size: int) -> int:
-        return self.reserve_bytes // size
+        return min(self.reserve_bytes // size, _MAX_STOCK)
 
     async def _take_slots(self, sizes: Sequence[int]) -> dict[int, _Slot]:
         """Index -> the slot to write it into, for the blocks there is (or can be reserved) stock for."""
