@@ -81,8 +81,9 @@ class Settings(BaseSettings):
     # Most leases a worker's pool client keeps after reading their blocks, to read them again with no call to the
     # pool master (0: each is given back after its read); a held lease not read under for a second goes back.
     cache_hold_leases: int = Field(1024, ge=0)
-    # Bytes of pool DRAM a worker's pool client keeps reserved, per block size, to put blocks with no put start
-    # call (0: every put asks the master first); a stock not written to for a second goes back.
+    # Bytes of pool DRAM a worker's pool client keeps reserved, per block size (at most 256 blocks' worth), to put
+    # blocks with no put start call (0: every put asks the master first); a stock not written to for a second goes
+    # back.
     cache_reserve_bytes: int = Field(16 << 20, ge=0)
     # False turns prefix reuse through the pool off (prefill computes every prompt in full).
     is_cache_enabled: bool = True
