@@ -302,8 +302,12 @@ class PoolClient:
     # ---- held leases -------------------------------------------------------------------------------------
 
     def _let_go(self, key: bytes) -> None:
-        """Stops holding `key`'s lease: given back on the next call (by its last reader, if it is being read)."""
+        """Stops holding `key`'s lease: given back on the next call (by its last reader, if it is being read). A
+        lease of an earlier stream is only forgotten: the master on the stream now may be another, whose own lease
+        ids it would give back."""
         held = self._held.pop(key)
+        if held.epoch != self.stub.epoch:
+            return
         if held.num_readers:
             held.is_let_go = True
         else:
@@ -364,7 +368,7 @@ class PoolClient:
             self._arm()
         elif self._held.get(key) is held:
             self._let_go(key)
-        if held.is_let_go and not held.num_readers:
+        if held.is_let_go and not held.num_readers and held.epoch == self.stub.epoch:
             self._releases.append((key, held.lease_id))
             self._arm()
 
