@@ -575,3 +575,21 @@ async def test_reserve_as_a_unary_call_and_its_refusals(env):
     c = env.client()
     assert await env.get(c, range(1)) == [True] and np.array_equal(env.back[:BLOCK], env.data[:BLOCK])
     await c.close()
+
+
+async def test_finished_work_of_a_stream_that_ended_is_not_sent_on_the_next(env):
+    if env.session is None:
+        pytest.skip("a plain stub has no streams")
+    c = env.client()
+    assert await env.put(c, range(2)) == [True] * 2
+    assert await env.get(c, range(2, 2)) == []  # carries the ends: both visible
+    assert await env.put(c, range(2, 4)) == [True] * 2
+    assert await env.get(c, range(2)) == [True] * 2  # carries the ends of 2-3
+    assert c.num_pending == 2  # the two leases to give back, to the master of this stream
+    await replace_pool(env)
+    # The next call reaches another master (here a new pool): it carries none of them (they would name that
+    # master's own puts and leases); the old master expires its leases and revokes its unended puts.
+    assert await env.get(c, range(4, 4)) == []
+    name, request = env.stub.requests[-1]
+    assert name == "BatchGet" and not request.HasField("done") and c.num_pending == 0
+    await c.close()

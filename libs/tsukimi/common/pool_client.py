@@ -131,6 +131,8 @@ class PoolClient:
         self._slot_ends: list[tuple[int, bytes, str]] = []
         self._returned_slots: list[int] = []
         self._slot_sweeper: asyncio.TimerHandle | None = None
+        # The stream (`PoolSession.epoch`) the finished work below was done on; None over a plain stub.
+        self._work_stream: int | None = None
         self._ends: list[bytes] = []
         # (key, lease id) of the leases to give back.
         self._releases: list[tuple[bytes, int]] = []
@@ -150,7 +152,34 @@ class PoolClient:
 
     # ---- the work carried on the next call -----------------------------------------------------------------
 
+    def _stream(self) -> int | None:
+        """The session's stream now (`PoolSession.epoch`); None over a plain stub."""
+        return getattr(self.stub, "epoch", None)
+
+    def _on_stream(self, stream: int | None) -> bool:
+        """Whether finished work done on `stream` may still go out (to the master that stream reached): only
+        while that stream is the session's. Work of an earlier stream still waiting is dropped first."""
+        now = self._stream()
+        if stream != now:
+            return False
+        if self._work_stream != now:
+            self._drop_finished()
+            self._work_stream = now
+        return True
+
+    def _drop_finished(self) -> None:
+        """Drops finished work of a stream that ended: the master on the next one may be another, for which these
+        put ends, releases and slots would name someone else's puts and leases (the old master expires them)."""
+        if self.num_pending:
+            log.info("cache pool: the session's stream ended; %d put ends / releases for its master dropped",
+                     self.num_pending)
+        self._ends, self._releases, self._held_reads = [], [], []
+        self._slot_ends, self._returned_slots = [], []
+
     def _take_done(self) -> pb.Done | None:
+        if self._work_stream != self._stream():
+            self._drop_finished()
+            self._work_stream = self._stream()
         if not (self._ends or self._releases or self._held_reads or self._slot_ends or self._returned_slots):
             return None
         done = pb.Done(put_end_keys=self._ends, held_read_keys=self._held_reads, returned_slots=self._returned_slots)
@@ -228,7 +257,7 @@ class PoolClient:
                     taken[i] = slot
                     break
                 # NOTE: one over its term goes back; one of another stream is left to expire (its pool may be gone).
-                if slot.epoch == epoch:
+                if self._on_stream(slot.epoch):
                     self._returned_slots.append(slot.slot_id)
             else:
                 missing.setdefault(size, []).append(i)
@@ -279,8 +308,7 @@ class PoolClient:
             self._refilling.discard(size)
 
     def _return_stock(self, size: int) -> None:
-        epoch = getattr(self.stub, "epoch", None)
-        self._returned_slots.extend(s.slot_id for s in self._stock.pop(size, ()) if s.epoch == epoch)
+        self._returned_slots.extend(s.slot_id for s in self._stock.pop(size, ()) if self._on_stream(s.epoch))
         self._stock_used_at.pop(size, None)
         self._arm()
 
@@ -306,11 +334,9 @@ class PoolClient:
         lease of an earlier stream is only forgotten: the master on the stream now may be another, whose own lease
         ids it would give back."""
         held = self._held.pop(key)
-        if held.epoch != self.stub.epoch:
-            return
         if held.num_readers:
             held.is_let_go = True
-        else:
+        elif self._on_stream(held.epoch):
             self._releases.append((key, held.lease_id))
             self._arm()
 
@@ -363,12 +389,13 @@ class PoolClient:
         """A read under a held lease is over: counted for the master when it read the block, else let go."""
         held.num_readers -= 1
         if ok:
-            self._held_reads.append(key)
             self.num_held_reads += 1
-            self._arm()
+            if self._on_stream(held.epoch):
+                self._held_reads.append(key)
+                self._arm()
         elif self._held.get(key) is held:
             self._let_go(key)
-        if held.is_let_go and not held.num_readers and held.epoch == self.stub.epoch:
+        if held.is_let_go and not held.num_readers and self._on_stream(held.epoch):
             self._releases.append((key, held.lease_id))
             self._arm()
 
@@ -425,8 +452,9 @@ class PoolClient:
                        sizes: Sequence[int], checksums: Sequence[str], num_replicas: int = 1) -> list[bool]:
         """Writes the blocks at `offsets` of `local` under `keys`; per key, True when this call wrote it (False:
         the pool holds it or is being given it already, had no room, or the write failed; a block written into a
-        reserved slot is True even when the pool turns out to hold it already, and keeps that block). The blocks
-        become visible with their put end, which rides on this client's next call (at most `linger_s` later; `flush`
+        reserved slot is True even when the pool turns out to hold it already, and keeps that block; False too when
+        the session's stream ended meanwhile: the master it reached may be gone). The blocks become visible with
+        their put end, which rides on this client's next call (at most `linger_s` later; `flush`
         forces it). Raises grpc.aio.AioRpcError when the pool master cannot be asked."""
         return await self._run(self._put_many(keys, local, offsets, sizes, checksums, num_replicas))
 
@@ -435,8 +463,10 @@ class PoolClient:
         # The indices that take a put start, and the replicas each got (none: the pool holds it, or no room).
         started: list[int] = [i for i in range(len(keys)) if i not in slots] if slots else list(range(len(keys)))
         replicas_of: dict[int, list] = {}
+        put_stream = None  # the stream the put starts were answered on
         try:
             if started:
+                before = self._stream()
                 request = pb.BatchPutStartRequest(done=self._take_done())
                 add = request.puts.add
                 for i in started:
@@ -444,9 +474,10 @@ class PoolClient:
                     put = add()
                     put.key, put.size, put.checksum, put.num_replicas = keys[i], sizes[i], checksums[i], num_replicas
                 starts = (await self._call(self.stub.BatchPutStart, request)).puts
+                put_stream = before if before is None else _stream_of_reply(before, self._stream())
                 replicas_of = {i: start.replicas for i, start in zip(started, starts)}
         except BaseException:
-            self._returned_slots.extend(slot.slot_id for slot in slots.values())
+            self._returned_slots.extend(slot.slot_id for slot in slots.values() if self._on_stream(slot.epoch))
             self._arm()
             raise
         requests = []
@@ -472,6 +503,9 @@ class PoolClient:
         finally:
             # NOTE: a slot is ended or given back even when the caller is gone (the write has stopped by then).
             for i, slot in slots.items():
+                if not self._on_stream(slot.epoch):
+                    written[i] = False  # NOTE: its master is gone with its stream (it expires there): not put.
+                    continue
                 if written[i]:
                     self._slot_ends.append((slot.slot_id, keys[i], checksums[i]))
                 else:
@@ -480,6 +514,12 @@ class PoolClient:
                 self._arm()
         ends = [keys[i] for i in replicas_of if written[i]]
         failed = [keys[i] for i, replicas in replicas_of.items() if replicas and not written[i]]
+        if (ends or failed) and not self._on_stream(put_stream):
+            # NOTE: the master that started these puts is gone with its stream (it revokes them when they expire);
+            # another master must not take their ends or revocations for puts of its own.
+            for i in replicas_of:
+                written[i] = False
+            ends = failed = []
         if ends:
             self._ends.extend(ends)
             self._arm()
@@ -518,17 +558,16 @@ class PoolClient:
                     held[i] = entry
                     sources[i] = (entry.replica, entry.checksum)
         leases = []  # (index, reply) of the leases the master gave
-        can_hold, sent_at = False, 0.0
+        can_hold, sent_at, get_stream = False, 0.0, None
         try:
             if ask or not held:  # NOTE: a get of no keys still goes out, with the finished work it carries.
-                sent_at = time.monotonic()
+                sent_at, before = time.monotonic(), self._stream()
                 request = pb.KeysRequest(keys=[keys[i] for i in ask] if held else keys, done=self._take_done(),
                                          is_prefix=is_prefix)
                 gets = (await self._call(self.stub.BatchGet, request)).gets
-                # NOTE: a lease is held only when its get's stream stayed the same throughout.
-                if self.hold_leases > 0:
-                    epoch = _stream_of_reply(epoch, self.stub.epoch)
-                    can_hold = epoch is not None
+                # NOTE: a lease is held, or given back, only when its get's stream stayed the same throughout.
+                get_stream = before if before is None else _stream_of_reply(before, self._stream())
+                can_hold = self.hold_leases > 0 and get_stream is not None
                 for i, got in zip(ask, gets):
                     if not got.found:
                         continue
@@ -549,8 +588,9 @@ class PoolClient:
             # NOTE: after the copies only: the lease keeps the bytes in place while they are read.
             for i, entry in held.items():
                 self._read_over(keys[i], entry, ok[i])
+            is_on_stream = bool(leases) and self._on_stream(get_stream)
             for i, got in leases:
-                if not (ok[i] and can_hold and self._hold(keys[i], got, sent_at, epoch)):
+                if not (ok[i] and can_hold and self._hold(keys[i], got, sent_at, get_stream)) and is_on_stream:
                     self._releases.append((keys[i], got.lease_id))
             if leases:
                 self._arm()
