@@ -117,9 +117,12 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def _done(self, request) -> None:
         """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),
         before the call's own work."""
-        if not request.HasField("done") or self.pool is None:
+        if request.HasField("done"):
+            await self._apply_done(request.done)
+
+    async def _apply_done(self, done: pb.Done) -> None:
+        if self.pool is None:
             return  # NOTE: no pool: this instance stopped being the master (its successor knows none of them).
-        done = request.done
         if done.releases:
             await self.pool.release([(r.key, r.lease_id) for r in done.releases])
         if done.put_end_keys:
@@ -135,10 +138,9 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     async def _held_reads(self, keys: list[bytes]) -> None:
         """Reads a client made under leases it still held (no get): hits and accesses, as gets would be."""
-        if self.pool is not None:
-            num_found, num_bytes = await self.pool.touch(keys)
-            metrics.HITS.inc(num_found)
-            metrics.GET_BYTES.inc(num_bytes)
+        num_found, num_bytes = await self.pool.touch(keys)
+        metrics.HITS.inc(num_found)
+        metrics.GET_BYTES.inc(num_bytes)
 
     # ---- lookups -----------------------------------------------------------------------------------------
 
@@ -403,17 +405,14 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             return reply, functools.partial(self._done, request.put_start)
         if op == "get":
             get = request.get
-            releases = reads = None
-            if get.HasField("done"):
-                if get.done.releases:
-                    releases = [(r.key, r.lease_id) for r in get.done.releases]
-                    get.done.ClearField("releases")
-                if get.done.held_read_keys:
-                    reads = list(get.done.held_read_keys)
-                    get.done.ClearField("held_read_keys")
+            after = None
+            if get.HasField("done") and (get.done.releases or get.done.held_read_keys):
+                after = pb.Done(releases=get.done.releases, held_read_keys=get.done.held_read_keys)
+                get.done.ClearField("releases")
+                get.done.ClearField("held_read_keys")
             reply = pb.SessionReply(id=request.id)
             await self.SessionGet(get, context, reply.get)
-            return reply, (functools.partial(self._after_get, releases, reads) if releases or reads else None)
+            return reply, (functools.partial(self._apply_done, after) if after is not None else None)
         if op == "reserve":
             reply = pb.SessionReply(id=request.id)
             try:
@@ -427,12 +426,6 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         if op == "put_revoke":
             return pb.SessionReply(id=request.id, empty=await self.BatchPutRevoke(request.put_revoke, context)), None
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"session request {request.id} has no operation")
-
-    async def _after_get(self, releases: list[tuple[bytes, int]] | None, reads: list[bytes] | None) -> None:
-        if releases and self.pool is not None:
-            await self.pool.release(releases)
-        if reads:
-            await self._held_reads(reads)
 
     # ---- stats -------------------------------------------------------------------------------------------
 

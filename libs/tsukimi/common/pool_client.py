@@ -130,7 +130,6 @@ class PoolClient:
         # (slot id, key, checksum) of slots written, and ids of slots to give back, not sent yet.
         self._slot_ends: list[tuple[int, bytes, str]] = []
         self._returned_slots: list[int] = []
-        self._slot_sweeper: asyncio.TimerHandle | None = None
         # The stream (`PoolSession.epoch`) the finished work below was done on; None over a plain stub.
         self._work_stream: int | None = None
         self._ends: list[bytes] = []
@@ -140,6 +139,7 @@ class PoolClient:
         self._held_reads: list[bytes] = []
         # Key -> its held lease, least recently read first.
         self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        # Looks for idle held leases and stocks every `hold_idle_s` while there are any.
         self._sweeper: asyncio.TimerHandle | None = None
         # Blocks read under held leases so far (no call to the master).
         self.num_held_reads = 0
@@ -159,13 +159,16 @@ class PoolClient:
     def _on_stream(self, stream: int | None) -> bool:
         """Whether finished work done on `stream` may still go out (to the master that stream reached): only
         while that stream is the session's. Work of an earlier stream still waiting is dropped first."""
-        now = self._stream()
-        if stream != now:
+        if stream != self._stream():
             return False
-        if self._work_stream != now:
-            self._drop_finished()
-            self._work_stream = now
+        self._follow_stream()
         return True
+
+    def _follow_stream(self) -> None:
+        """Drops the finished work of a stream that is no longer the session's."""
+        if self._work_stream != self._stream():
+            self._drop_finished()
+            self._work_stream = self._stream()
 
     def _drop_finished(self) -> None:
         """Drops finished work of a stream that ended: the master on the next one may be another, for which these
@@ -177,9 +180,7 @@ class PoolClient:
         self._slot_ends, self._returned_slots = [], []
 
     def _take_done(self) -> pb.Done | None:
-        if self._work_stream != self._stream():
-            self._drop_finished()
-            self._work_stream = self._stream()
+        self._follow_stream()
         if not (self._ends or self._releases or self._held_reads or self._slot_ends or self._returned_slots):
             return None
         done = pb.Done(put_end_keys=self._ends, held_read_keys=self._held_reads, returned_slots=self._returned_slots)
@@ -280,8 +281,7 @@ class PoolClient:
             if len(self._stock.get(size, ())) <= self._stock_target(size) // 2 and size not in self._refilling:
                 self._refilling.add(size)
                 self._spawn(self._refill(size))
-        if self._slot_sweeper is None and not self._closed:
-            self._slot_sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep_slots)
+        self._arm_sweep()
         return taken
 
     async def _reserve(self, size: int, count: int) -> list[_Slot]:
@@ -312,16 +312,6 @@ class PoolClient:
         self._stock_used_at.pop(size, None)
         self._arm()
 
-    def _sweep_slots(self) -> None:
-        """Gives back the stock of a block size not written to for `hold_idle_s`; looks again later while any."""
-        self._slot_sweeper = None
-        idle_since = time.monotonic() - self.hold_idle_s
-        for size in [n for n, used_at in self._stock_used_at.items() if used_at <= idle_since]:
-            if size not in self._refilling:
-                self._return_stock(size)
-        if self._stock and not self._closed:
-            self._slot_sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep_slots)
-
     @property
     def num_held(self) -> int:
         """Leases kept after their reads (see `hold_leases`)."""
@@ -344,8 +334,14 @@ class PoolClient:
         for key in list(self._held):
             self._let_go(key)
 
+    def _arm_sweep(self) -> None:
+        """Makes sure `_sweep` runs within `hold_idle_s`."""
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep)
+
     def _sweep(self) -> None:
-        """Lets go of the held leases not read under for `hold_idle_s`; while any is held, looks again later."""
+        """Lets go of the held leases not read under, and gives back the stocks of slots not written to, for
+        `hold_idle_s`; while any is left, looks again later."""
         self._sweeper = None
         idle_since = time.monotonic() - self.hold_idle_s
         held = self._held
@@ -354,8 +350,11 @@ class PoolClient:
             if oldest.used_at > idle_since:
                 break
             self._let_go(key)
-        if held and not self._closed:
-            self._sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep)
+        for size in [n for n, used_at in self._stock_used_at.items() if used_at <= idle_since]:
+            if size not in self._refilling:
+                self._return_stock(size)
+        if held or self._stock:
+            self._arm_sweep()
 
     def _hold(self, key: bytes, got: pb.GetReply, sent_at: float, epoch: int) -> bool:
         """Keeps the lease of a block just read; False when it is not kept (the caller gives it back)."""
@@ -366,8 +365,7 @@ class PoolClient:
         self._held[key] = _Held(got.replicas[0], got.checksum, got.lease_id, until, epoch, now)
         while len(self._held) > self.hold_leases:
             self._let_go(next(iter(self._held)))
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(self.hold_idle_s, self._sweep)
+        self._arm_sweep()
         return True
 
     def _take_held(self, key: bytes, size: int, now: float, epoch: int) -> _Held | None:
@@ -423,10 +421,9 @@ class PoolClient:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
         self._closed = True
-        for timer in (self._sweeper, self._slot_sweeper):
-            if timer is not None:
-                timer.cancel()
-        self._sweeper = self._slot_sweeper = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for size in list(self._stock):
             self._return_stock(size)
         await self._flush_quietly(self.flush)
@@ -544,7 +541,7 @@ class PoolClient:
         # Index -> the held lease it is read under.
         held: dict[int, _Held] = {}
         ask = range(len(keys))  # the indices to ask the master for
-        epoch = getattr(self.stub, "epoch", 0)
+        epoch = self._stream()
         if self._held:
             now = time.monotonic()
             ask = []
