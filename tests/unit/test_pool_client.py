@@ -373,11 +373,15 @@ async def test_session_operations_waiting_when_the_server_stops_fail_in_time(env
 # ---- held leases ---------------------------------------------------------------------------------------------
 
 
-async def holding(env, num: int, **kwargs) -> PoolClient:
-    """A client (over a session: unary calls hold no leases) that has put blocks 0..num-1 and read them once, and
-    now holds their leases."""
+def sessions_only(env) -> None:
+    """Skips the unary variant: a plain stub has no stream to hold leases or reserve slots on."""
     if env.session is None:
-        pytest.skip("leases are held and slots reserved over sessions only")
+        pytest.skip("a plain stub has no stream: no leases are held, no slots reserved, no work kept per stream")
+
+
+async def holding(env, num: int, **kwargs) -> PoolClient:
+    """A client (over a session) that has put blocks 0..num-1 and read them once, and now holds their leases."""
+    sessions_only(env)
     c = env.client(**kwargs)
     await env.put(c, range(num))
     await c.flush()
@@ -422,8 +426,7 @@ async def test_held_leases_read_blocks_again_with_no_call_to_the_master(env):
 
 
 async def test_held_leases_are_bounded_and_go_back_when_idle(env):
-    if env.session is None:
-        pytest.skip("leases are held and slots reserved over sessions only")
+    sessions_only(env)
     c = env.client(hold_leases=2, hold_idle_s=0.1, linger_s=0.01)
     await env.put(c, range(4))
     await c.flush()
@@ -513,8 +516,7 @@ async def test_reserved_slots_put_blocks_with_no_put_start(env):
 
 
 async def test_a_slot_put_of_a_key_the_pool_holds_keeps_the_first_block(env):
-    if env.session is None:
-        pytest.skip("leases are held and slots reserved over sessions only")
+    sessions_only(env)
     c = env.client(reserve_bytes=4 * BLOCK)
     await env.put(c, range(1))
     await c.flush()
@@ -529,8 +531,7 @@ async def test_a_slot_put_of_a_key_the_pool_holds_keeps_the_first_block(env):
 
 
 async def test_a_stock_not_written_to_goes_back(env):
-    if env.session is None:
-        pytest.skip("leases are held and slots reserved over sessions only")
+    sessions_only(env)
     c = env.client(reserve_bytes=4 * BLOCK, hold_idle_s=0.1, linger_s=0.01)
     await env.put(c, range(2))
     assert c.num_slots == 4
@@ -540,8 +541,7 @@ async def test_a_stock_not_written_to_goes_back(env):
 
 
 async def test_slots_are_not_written_after_the_stream_ends(env):
-    if env.session is None:
-        pytest.skip("leases are held and slots reserved over sessions only")
+    sessions_only(env)
     c = env.client(reserve_bytes=4 * BLOCK)
     await env.put(c, range(1))
     await c.flush()
@@ -578,8 +578,7 @@ async def test_reserve_as_a_unary_call_and_its_refusals(env):
 
 
 async def test_finished_work_of_a_stream_that_ended_is_not_sent_on_the_next(env):
-    if env.session is None:
-        pytest.skip("a plain stub has no streams")
+    sessions_only(env)
     c = env.client()
     assert await env.put(c, range(2)) == [True] * 2
     assert await env.get(c, range(2, 2)) == []  # carries the ends: both visible
