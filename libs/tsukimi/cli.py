@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
     placement_bench.add_arguments(bench.add_parser("placement", help="time of one conductor placement decision"))
     from tsukimi.bench import serve as serve_bench
+    from tsukimi.bench import vs_generate as generate_bench
 
     serve_bench.add_arguments(bench.add_parser(
         "serve", help="load an OpenAI-compatible endpoint (trace replay or synthetic): TTFT, TBT, capacity"))
+    generate_bench.add_arguments(bench.add_parser(
+        "generate", help="a running server beside transformers' generate on the same prompts: TTFT, TBT, tokens/s"))
     sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
         dest="sim", required=True)
     from tsukimi.sim import cache as cache_sim
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench" and args.bench == "serve":
         return serve_bench.run(args)
+    if args.command == "bench" and args.bench == "generate":
+        return generate_bench.run(args)
     if args.command == "bench" and args.bench == "cachestore":
         cachestore_bench.print_results(cachestore_bench.run(args), args.json)
         return 0
