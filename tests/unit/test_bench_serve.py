@@ -20,6 +20,7 @@ from tsukimi.bench.serve_record import (
     REJECTED,
     RequestRecord,
     SseDecoder,
+    SseLineSplitter,
     apply_event,
 )
 from tsukimi.bench.serve_sweep import RateSearch
@@ -178,6 +179,38 @@ def test_sse_multiline_data_chat_deltas_and_error_events():
     assert rec.outcome == FAILED and rec.error == "stream_error" and rec.message == "worker lost"
 
 
+def split(chunks: list[bytes]) -> list[str]:
+    splitter = SseLineSplitter()
+    return [line for chunk in chunks for line in splitter.feed(chunk)] + splitter.flush()
+
+
+def test_sse_lines_end_only_at_cr_lf_and_crlf():
+    data = '{"text":"a\u2028b\u0085c\u001cd\u2029e\x0bf\x0cg"}'
+    stream = f"data: {data}\n\ndata: 2\r\n\r\ndata: 3\r\rdata: 4".encode()
+    assert split([stream]) == [f"data: {data}", "", "data: 2", "", "data: 3", "", "data: 4"]
+    # Any chunking gives the same lines: a CRLF split between chunks is one line end.
+    assert split([stream[i:i + 1] for i in range(len(stream))]) == split([stream])
+    assert split([b"data: 1\r", b"\ndata: 2\r", b"\r", b"\n"]) == ["data: 1", "data: 2", ""]
+    assert split([b"a\r", b"", b"\nb\n"]) == ["a", "b"]
+    # The spec's leading BOM is dropped (only at the start of the stream).
+    assert split([b"\xef\xbb", b"\xbfdata: x\n\xef\xbb\xbf\n"]) == ["data: x", "\ufeff"]
+    # An event as the gateway writes it (json.dumps with ensure_ascii=False leaves U+2028 and U+0085 raw).
+    event = json.dumps({"choices": [{"text": "a\u2028b\u0085c\u001c", "finish_reason": None}]}, ensure_ascii=False)
+    assert "\u2028" in event and "\u0085" in event
+    decoder = SseDecoder()
+    data = [decoder.feed(line) for line in split([f"data: {event}\r\n\r\n".encode()])]
+    rec = RequestRecord(0, 0.0, 4)
+    assert data == [None, event] and apply_event(rec, data[1], 0.1) is False
+    assert rec.outcome != FAILED and rec.token_times == [0.1]
+
+
+def test_sse_lines_decode_characters_split_across_chunks():
+    stream = "data: é😀\n".encode()
+    cut = stream.index("😀".encode()) + 1
+    assert split([stream[:8], stream[8:cut], stream[cut:]]) == ["data: é😀"]
+    assert split([b"data: \xff\n"]) == ["data: \ufffd"]
+
+
 # ---- metrics on hand-made timings ----------------------------------------------------------------------------
 
 
@@ -289,8 +322,9 @@ def fake_app():
             for i in range(body["max_tokens"]):
                 if i:
                     await asyncio.sleep(TOKEN_GAP_S)
-                chunk = {"choices": [{"index": 0, "text": "x", "finish_reason": None}], "usage": None}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                # NOTE: U+2028 unescaped, as the gateway sends it: not a line end of the stream.
+                chunk = {"choices": [{"index": 0, "text": "x\u2028", "finish_reason": None}], "usage": None}
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\n"
             yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'finish_reason': 'length'}]})}\n\n"
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
                      "prompt_tokens_details": {"cached_tokens": 8}}
