@@ -301,12 +301,13 @@ def fake_app():
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI()
-    state = {"n": 0, "bodies": []}
+    card = {"id": "fake-model", "object": "model", "vocab_size": 300, "special_token_ids": [0, 256]}
+    state = {"n": 0, "bodies": [], "card": card}
     app.state.fake = state
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return {"object": "list", "data": [state["card"]]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -368,6 +369,10 @@ def test_whole_client_against_a_fake_server(fake_server, capsys, tmp_path):
     body = state["bodies"][0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["temperature"] == 0 and body["max_tokens"] == 4 and len(body["prompt"]) == 20
+    # The ids the card lists, but its special ones.
+    assert out["config"]["vocab_size"] == 300 and out["config"]["avoid_ids"] == [0, 256]
+    ids = {t for b in state["bodies"] for t in b["prompt"]}
+    assert max(ids) < 300 and max(ids) > 256 and not ids & {0, 256}
     assert out["num_scheduled"] == 12 and out["rejected"] == 3 and out["completed"] == 9 and out["failed"] == 0
     assert out["rejection_rate"] == 0.25 and out["retry_after"] == {"2": 3}
     assert out["rejected_by_message"] == {"busy": 3}
@@ -393,3 +398,53 @@ async def test_client_overload_and_unfinished(fake_server):
     # Answers that do not arrive within the drain time are cancelled and count as unfinished.
     out = await run_schedule([PlannedRequest(0, 0.0, [1], 50)], url, "fake-model", drain_timeout_s=0.3)
     assert out.records[0].outcome == FAILED and out.records[0].error == "unfinished"
+
+
+def test_the_vocabulary_from_flags_a_tokenizer_or_the_card(fake_server, capsys):
+    url, state = fake_server
+    base = ["bench", "serve", "--url", url, "--synthetic", "--limit", "2", "--rate", "50", "--input-len", "400",
+            "--output-len", "1", "--json"]
+
+    def sent_ids() -> set[int]:
+        ids = {t for b in state["bodies"] for t in b["prompt"]}
+        state["bodies"].clear()
+        return ids
+
+    # A server whose card does not say its vocabulary: a clear error, nothing sent.
+    state["card"] = {"id": "fake-model", "object": "model"}
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "does not say the vocabulary of 'fake-model'" in err and "--tokenizer DIR" in err and state["n"] == 0
+    assert main([*base, "--tokenizer", "demo"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["vocab_source"] == "--tokenizer demo" and out["config"]["avoid_ids"] == [256]
+    ids = sent_ids()
+    assert max(ids) <= 255 and len(ids) > 200
+    assert main([*base, "--vocab-size", "40", "--avoid-ids", "3,7"]) == 0
+    capsys.readouterr()
+    assert sent_ids() == set(range(40)) - {3, 7}
+    assert main([*base, "--tokenizer", "/nonexistent"]) == 2
+    assert "cannot load the tokenizer of '/nonexistent'" in capsys.readouterr().err
+
+
+def test_a_tokenizer_gives_its_ids_but_special_and_unused_ones(tmp_path):
+    from tokenizers import Tokenizer, models
+    from tsukimi.bench.serve_vocab import from_card, from_tokenizer
+
+    from tests.unit.bpe_tokenizer import build_bpe
+
+    (tmp_path / "bpe").mkdir()
+    build_bpe().tokenizer.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    vocab = from_tokenizer(str(tmp_path / "bpe"), extra_avoid=[5, 10**6])
+    assert vocab.size == 325 and vocab.avoid_ids == (0, 1, 2, 5)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    # Ids that name no token are left out too.
+    (tmp_path / "words").mkdir()
+    words = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 2, "c": 3, "d": 4, "[UNK]": 5}, unk_token="[UNK]"))
+    words.add_special_tokens(["<s>"])
+    words.save(str(tmp_path / "words" / "tokenizer.json"))
+    vocab = from_tokenizer(str(tmp_path / "words"))
+    assert vocab.size == 6 and vocab.avoid_ids == (1, 5)
+    card = from_card({"id": "m", "vocab_size": 10, "special_token_ids": [9, 2]}, "u/v1/models")
+    assert (card.size, card.avoid_ids, card.source) == (10, (2, 9), "u/v1/models")
+    with pytest.raises(ValueError, match="no token id left"):
+        from_card({"vocab_size": 2, "special_token_ids": [0, 1]}, "u")

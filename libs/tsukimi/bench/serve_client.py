@@ -175,12 +175,15 @@ async def run_schedule(plans: list[PlannedRequest], url: str, model: str, *, max
     return RunOutput(records, elapsed)
 
 
-async def first_model(url: str, timeout_s: float = 10.0) -> str:
-    """The id of the first model GET /v1/models lists."""
+async def model_cards(url: str, timeout_s: float = 10.0) -> list[dict]:
+    """The model cards GET /v1/models lists (at least one, each with an `id`)."""
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         resp = await client.get(f"{url.rstrip('/')}/v1/models")
         resp.raise_for_status()
-        models = resp.json().get("data") or []
+        body = resp.json()
+    models = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+        raise RuntimeError(f"{url}/v1/models is not a list of models")
     if not models:
         raise RuntimeError(f"{url}/v1/models lists no model")
-    return models[0]["id"]
+    return models

@@ -146,6 +146,11 @@ class TextTokenizer:
         """Number of token ids the tokenizer knows."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of the special tokens (end of text, chat markers, ...), ascending."""
+        return sorted(i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special)
+
 
 def _read_json(path: str) -> dict:
     if not os.path.exists(path):
