@@ -309,6 +309,16 @@ def fake_app():
     async def models():
         return {"object": "list", "data": [state["card"]]}
 
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        state.setdefault("chats", []).append(body)
+        n = len(body["messages"])
+        answer = {"role": "assistant", "content": f"answer\u2028{n}"}
+        usage = {"prompt_tokens": 10 * n, "completion_tokens": 2,
+                 "prompt_tokens_details": {"cached_tokens": 10 * (n - 2)}}
+        return {"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}], "usage": usage}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
@@ -448,3 +458,27 @@ def test_a_tokenizer_gives_its_ids_but_special_and_unused_ones(tmp_path):
     assert (card.size, card.avoid_ids, card.source) == (10, (2, 9), "u/v1/models")
     with pytest.raises(ValueError, match="no token id left"):
         from_card({"vocab_size": 2, "special_token_ids": [0, 1]}, "u")
+
+
+def test_chat_turns_send_answers_back_and_sum_cached_tokens(fake_server, capsys):
+    from tsukimi.bench import serve_chat
+
+    url, state = fake_server
+    assert serve_chat.main(["--url", url, "--conversations", "2", "--turns", "3", "--pause", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    chats = state["chats"]
+    assert len(chats) == 6 and {c["model"] for c in chats} == {"fake-model"}
+    # Turn 3 of conversation 0: system, user, answer, user, answer, user; the answers exactly as received.
+    assert [m["role"] for m in chats[2]["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in chats[2]["messages"][2::2]] == ["answer\u20282", "answer\u20284"]
+    assert chats[3]["messages"][0]["content"] != chats[0]["messages"][0]["content"]
+    assert chats[0]["temperature"] == 0 and chats[3]["seed"] == 1
+    # Prompts of 2, 4, 6 messages: 20, 40, 60 tokens with 0, 20, 40 cached, in each conversation.
+    assert out["turns"] == [
+        {"turn": 1, "conversations": 2, "prompt_tokens": 40, "cached_tokens": 0, "cached_share": 0.0},
+        {"turn": 2, "conversations": 2, "prompt_tokens": 80, "cached_tokens": 40, "cached_share": 0.5},
+        {"turn": 3, "conversations": 2, "prompt_tokens": 120, "cached_tokens": 80, "cached_share": 0.6667},
+    ]
+    assert out["later_turns"] == {"prompt_tokens": 200, "cached_tokens": 120, "cached_share": 0.6}
+    assert serve_chat.main(["--url", url + "/nothing", "--turns", "1"]) == 2
+    assert "HTTPStatusError" in capsys.readouterr().err

@@ -93,8 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompt token ids are drawn from 0..N-1 but --avoid-ids (default: the vocabulary of "
                             "--tokenizer, else the one the server's /v1/models lists, else an error)")
     vocab.add_argument("--tokenizer", metavar="DIR",
-                       help="the model's checkpoint or tokenizer directory ('demo': the demo model): prompt ids are "
-                            "its token ids but its special and unused ones")
+                       help="the model's checkpoint or tokenizer directory ('demo': the demo model): prompt "
+                            "ids are its token ids but its special and unused ones")
     parser.add_argument("--avoid-ids", type=_id_list, default=[],
                         help="token ids never put in prompts besides the special ones (comma-separated)")
     parser.add_argument("--prompt-salt", type=int,
@@ -200,7 +200,8 @@ class Bench:
         a = self.args
         cfg = {"url": a.url, "model": self.model, "ttft_slo_s": a.ttft_slo, "tbt_slo_s": a.tbt_slo,
                "limit": a.limit, "duration_s": self.duration(a.sweep), "vocab_size": self.vocab.size,
-               "avoid_ids": list(self.vocab.avoid_ids), "vocab_source": self.vocab.source, "prompt_salt": self.base_salt, "max_outstanding": a.max_outstanding,
+               "avoid_ids": list(self.vocab.avoid_ids), "vocab_source": self.vocab.source,
+               "prompt_salt": self.base_salt, "max_outstanding": a.max_outstanding,
                "request_timeout_s": a.request_timeout, "drain_timeout_s": a.drain_timeout}
         if self.trace is not None:
             cfg.update(workload="trace", trace=a.trace, rate_scale=a.rate_scale, length_scale=a.length_scale,

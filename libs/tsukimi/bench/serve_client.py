@@ -182,7 +182,9 @@ async def model_cards(url: str, timeout_s: float = 10.0) -> list[dict]:
         resp.raise_for_status()
         body = resp.json()
     models = body.get("data") if isinstance(body, dict) else None
-    if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in models):
+    is_list = isinstance(models, list) and all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)
+    if not is_list:
         raise RuntimeError(f"{url}/v1/models is not a list of models")
     if not models:
         raise RuntimeError(f"{url}/v1/models lists no model")
