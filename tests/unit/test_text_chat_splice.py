@@ -105,3 +105,25 @@ def test_a_template_that_changes_the_content_is_not_spliced(bpe):
     answer = ids_of(bpe, "Hello", ".", "ĊĊ", "W", "or", "ld")
     text = bpe.decode(answer)
     assert twice.encode_chat(turn2(text), {text: answer}.get) == twice.encode_chat(turn2(text))
+
+
+def test_splicing_gives_up_after_a_few_unsafe_spans(bpe):
+    from tsukimi.text.chat_splice import MAX_SPLICE_TRIES
+
+    good = ids_of(bpe, "Hello", ".", "ĊĊ", "W", "or", "ld")
+    bad = [ids_of(bpe, "ĊĊ", "Hello", ".", str(i)) for i in range(MAX_SPLICE_TRIES)]
+    known = {bpe.decode(ids): ids for ids in [good, *bad]}.get
+
+    def chat(answers: list[list[int]]) -> list[dict]:
+        messages = []
+        for ids in answers:
+            messages += [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": bpe.decode(ids)}]
+        return [*messages, {"role": "user", "content": "Hi"}]
+
+    # One unsafe span fewer than the tries: the good one is spliced after dropping them.
+    messages = chat([*bad[:-1], good])
+    spliced = bpe.encode_chat(messages, known)
+    plain = bpe.encode_chat(messages)
+    assert spliced != plain and len(spliced) == len(plain) - 1  # "\n\n" one token, not two
+    messages = chat([*bad, good])
+    assert bpe.encode_chat(messages, known) == bpe.encode_chat(messages)

@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 
 from tsukimi.text.chat_template import ChatTemplate, TemplateError
 
+# Tries at splicing (each drops a span with an unsafe boundary and encodes the whole prompt again) before the
+# plain encoding.
+MAX_SPLICE_TRIES = 4
 # Encodes texts, each on its own, with no special tokens added.
 EncodeBatch = Callable[[list[str]], list[list[int]]]
 # The known token ids of an assistant message's content, or None.
@@ -34,7 +37,9 @@ def encode_chat_spliced(
     text = template.render(messages)
     spans = _spans(template, messages, text, known_ids)
     plain = encode_batch([text])[0]
-    while spans:
+    for _ in range(MAX_SPLICE_TRIES):
+        if not spans:
+            break
         pieces = _pieces(text, spans)
         encoded = encode_batch(pieces + [text[start:end] for start, end, _ in spans])
         # The pieces and the re-encoded contents in text order: piece 0, content 0, piece 1, ...
