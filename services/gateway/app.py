@@ -49,6 +49,7 @@ def create_app(settings: Settings, bus: Bus, tokenizer: TextTokenizer | None = N
     tokenizer = tokenizer or TextTokenizer.load(settings.model)
     completions = Completions(settings, bus, tokenizer)
     model_name = completions.model_name
+    special_ids = tokenizer.special_token_ids
     created = int(time.time())
 
     app = FastAPI(
@@ -100,6 +101,9 @@ def create_app(settings: Settings, bus: Bus, tokenizer: TextTokenizer | None = N
             "created": created,
             "owned_by": "tsukimi",
             "max_model_len": completions.max_model_len,
+            # NOTE: tsukimi's own fields: a load generator draws prompt ids below vocab_size, none of these.
+            "vocab_size": tokenizer.vocab_size,
+            "special_token_ids": special_ids,
         }
 
     @app.get("/v1/models")

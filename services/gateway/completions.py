@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from tsukimi.common.messages import ErrorInfo, GenerateRequest, SamplingParams
 from tsukimi.common.settings import Settings
 from tsukimi.gateway import errors, metrics, protocol
+from tsukimi.gateway.answer_memory import AnswerMemory, answer_ids
 from tsukimi.gateway.errors import APIError, invalid_request
 from tsukimi.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from tsukimi.gateway.stream import Bus, Generation, GenerationError
@@ -98,6 +99,7 @@ class Completions:
         self._vocab_size = tokenizer.vocab_size
         # Request ids admitted and not finished (an id names a NATS subject, so it must be unique).
         self._active: set[str] = set()
+        self.answers = AnswerMemory(settings.answer_memory_bytes)
 
     @property
     def num_in_flight(self) -> int:
@@ -166,8 +168,9 @@ class Completions:
     def _prompt_ids(self, body: CompletionRequest | ChatCompletionRequest) -> list[int]:
         """Token ids of the prompt (runs in a worker thread: tokenizing and templating take CPU)."""
         if isinstance(body, ChatCompletionRequest):
+            known = self._known_ids if self.answers.is_enabled else None
             try:
-                ids = self._tokenizer.encode_chat([m.for_template() for m in body.messages])
+                ids = self._tokenizer.encode_chat([m.for_template() for m in body.messages], known)
             except TemplateError as exc:
                 raise invalid_request(str(exc), param="messages", code="invalid_chat_template") from None
             param = "messages"
@@ -192,6 +195,9 @@ class Completions:
                 code="context_length_exceeded",
             )
         return ids
+
+    def _known_ids(self, text: str) -> list[int] | None:
+        return self.answers.ids_of(self.model_name, text)
 
     def _sampling(self, body: CompletionRequest | ChatCompletionRequest, num_prompt: int) -> SamplingParams:
         room = self.max_model_len - num_prompt
@@ -288,6 +294,7 @@ class Completions:
         except GenerationError as exc:
             raise APIError.from_info(exc.info) from None
         call.status = 200
+        await self._remember_answer(call)
         build = protocol.chat_completion if call.is_chat else protocol.completion
         return JSONResponse(
             build(call.response_id, call.created, call.model, text, gen.finish_reason, call.usage())
@@ -329,11 +336,32 @@ class Completions:
             yield protocol.SSE_DONE
             return
         call.status = 200
+        # NOTE: before the last event: a client may send its next turn as soon as it has the answer.
+        await self._remember_answer(call)
         yield chunk("", gen.finish_reason)
         if with_usage:
             obj = "chat.completion.chunk" if call.is_chat else "text_completion"
             yield protocol.sse(protocol.usage_chunk(rid, created, model, obj, call.usage()))
         yield protocol.SSE_DONE
+
+    async def _remember_answer(self, call: _Call) -> None:
+        """Remembers the token ids of a chat answer that ended normally, when they are exactly known."""
+        gen = call.generation
+        if not (call.is_chat and self.answers.is_enabled and gen and gen.finish_reason in ("stop", "length")):
+            return
+        try:
+            ids = await run_in_threadpool(
+                answer_ids,
+                gen.output_ids,
+                gen.text,
+                decode=self._tokenizer.decode,
+                eos_token_ids=self._tokenizer.eos_token_ids,
+                is_cut=gen.is_cut_by_stop_string,
+            )
+            if ids is not None:
+                self.answers.remember(call.model, gen.text, ids)
+        except Exception:  # NOTE: remembering is best effort; the answer is served either way.
+            log.warning("remembering the answer's token ids failed", exc_info=True)
 
     async def _finish(self, call: _Call, request: Request) -> None:
         """Every request ends here exactly once: stream closed, workers told, counters updated."""

@@ -121,6 +121,8 @@ class Generation:
         self._last_token_at: float | None = None
         self.finish_reason: str | None = None
         self.completion_tokens = 0
+        # The output's token ids, in order.
+        self.output_ids: list[int] = []
         self.cached_tokens = 0
         # True when the workers are done with it (finished, or never accepted it): no cancel needed.
         self._workers_done = False
@@ -142,6 +144,11 @@ class Generation:
     def text(self) -> str:
         return self._detok.text
 
+    @property
+    def is_cut_by_stop_string(self) -> bool:
+        """True when a stop string ended the text (tokens generated after its start are not in it)."""
+        return self._detok.is_stopped
+
     async def deltas(self) -> AsyncIterator[str]:
         """Text pieces as they become final; on return `finish_reason` is set. Raises `GenerationError`."""
         while True:
@@ -154,6 +161,7 @@ class Generation:
             text = ""
             if event.token_id is not None:
                 self._observe_token()
+                self.output_ids.append(event.token_id)
                 text = self._detok.push(event.token_id)
                 if self._detok.is_stopped:
                     self.finish_reason = "stop"

@@ -20,6 +20,7 @@ from tsukimi.bench.serve_record import (
     REJECTED,
     RequestRecord,
     SseDecoder,
+    SseLineSplitter,
     apply_event,
 )
 from tsukimi.bench.serve_sweep import RateSearch
@@ -178,6 +179,38 @@ def test_sse_multiline_data_chat_deltas_and_error_events():
     assert rec.outcome == FAILED and rec.error == "stream_error" and rec.message == "worker lost"
 
 
+def split(chunks: list[bytes]) -> list[str]:
+    splitter = SseLineSplitter()
+    return [line for chunk in chunks for line in splitter.feed(chunk)] + splitter.flush()
+
+
+def test_sse_lines_end_only_at_cr_lf_and_crlf():
+    data = '{"text":"a\u2028b\u0085c\u001cd\u2029e\x0bf\x0cg"}'
+    stream = f"data: {data}\n\ndata: 2\r\n\r\ndata: 3\r\rdata: 4".encode()
+    assert split([stream]) == [f"data: {data}", "", "data: 2", "", "data: 3", "", "data: 4"]
+    # Any chunking gives the same lines: a CRLF split between chunks is one line end.
+    assert split([stream[i:i + 1] for i in range(len(stream))]) == split([stream])
+    assert split([b"data: 1\r", b"\ndata: 2\r", b"\r", b"\n"]) == ["data: 1", "data: 2", ""]
+    assert split([b"a\r", b"", b"\nb\n"]) == ["a", "b"]
+    # The spec's leading BOM is dropped (only at the start of the stream).
+    assert split([b"\xef\xbb", b"\xbfdata: x\n\xef\xbb\xbf\n"]) == ["data: x", "\ufeff"]
+    # An event as the gateway writes it (json.dumps with ensure_ascii=False leaves U+2028 and U+0085 raw).
+    event = json.dumps({"choices": [{"text": "a\u2028b\u0085c\u001c", "finish_reason": None}]}, ensure_ascii=False)
+    assert "\u2028" in event and "\u0085" in event
+    decoder = SseDecoder()
+    data = [decoder.feed(line) for line in split([f"data: {event}\r\n\r\n".encode()])]
+    rec = RequestRecord(0, 0.0, 4)
+    assert data == [None, event] and apply_event(rec, data[1], 0.1) is False
+    assert rec.outcome != FAILED and rec.token_times == [0.1]
+
+
+def test_sse_lines_decode_characters_split_across_chunks():
+    stream = "data: é😀\n".encode()
+    cut = stream.index("😀".encode()) + 1
+    assert split([stream[:8], stream[8:cut], stream[cut:]]) == ["data: é😀"]
+    assert split([b"data: \xff\n"]) == ["data: \ufffd"]
+
+
 # ---- metrics on hand-made timings ----------------------------------------------------------------------------
 
 
@@ -268,12 +301,23 @@ def fake_app():
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI()
-    state = {"n": 0, "bodies": []}
+    card = {"id": "fake-model", "object": "model", "vocab_size": 300, "special_token_ids": [0, 256]}
+    state = {"n": 0, "bodies": [], "card": card}
     app.state.fake = state
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+        return {"object": "list", "data": [state["card"]]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        state.setdefault("chats", []).append(body)
+        n = len(body["messages"])
+        answer = {"role": "assistant", "content": f"answer\u2028{n}"}
+        usage = {"prompt_tokens": 10 * n, "completion_tokens": 2,
+                 "prompt_tokens_details": {"cached_tokens": 10 * (n - 2)}}
+        return {"choices": [{"index": 0, "message": answer, "finish_reason": "stop"}], "usage": usage}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -289,8 +333,9 @@ def fake_app():
             for i in range(body["max_tokens"]):
                 if i:
                     await asyncio.sleep(TOKEN_GAP_S)
-                chunk = {"choices": [{"index": 0, "text": "x", "finish_reason": None}], "usage": None}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                # NOTE: U+2028 unescaped, as the gateway sends it: not a line end of the stream.
+                chunk = {"choices": [{"index": 0, "text": "x\u2028", "finish_reason": None}], "usage": None}
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\r\n\r\n"
             yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'finish_reason': 'length'}]})}\n\n"
             usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
                      "prompt_tokens_details": {"cached_tokens": 8}}
@@ -334,6 +379,10 @@ def test_whole_client_against_a_fake_server(fake_server, capsys, tmp_path):
     body = state["bodies"][0]
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["temperature"] == 0 and body["max_tokens"] == 4 and len(body["prompt"]) == 20
+    # The ids the card lists, but its special ones.
+    assert out["config"]["vocab_size"] == 300 and out["config"]["avoid_ids"] == [0, 256]
+    ids = {t for b in state["bodies"] for t in b["prompt"]}
+    assert max(ids) < 300 and max(ids) > 256 and not ids & {0, 256}
     assert out["num_scheduled"] == 12 and out["rejected"] == 3 and out["completed"] == 9 and out["failed"] == 0
     assert out["rejection_rate"] == 0.25 and out["retry_after"] == {"2": 3}
     assert out["rejected_by_message"] == {"busy": 3}
@@ -359,3 +408,77 @@ async def test_client_overload_and_unfinished(fake_server):
     # Answers that do not arrive within the drain time are cancelled and count as unfinished.
     out = await run_schedule([PlannedRequest(0, 0.0, [1], 50)], url, "fake-model", drain_timeout_s=0.3)
     assert out.records[0].outcome == FAILED and out.records[0].error == "unfinished"
+
+
+def test_the_vocabulary_from_flags_a_tokenizer_or_the_card(fake_server, capsys):
+    url, state = fake_server
+    base = ["bench", "serve", "--url", url, "--synthetic", "--limit", "2", "--rate", "50", "--input-len", "400",
+            "--output-len", "1", "--json"]
+
+    def sent_ids() -> set[int]:
+        ids = {t for b in state["bodies"] for t in b["prompt"]}
+        state["bodies"].clear()
+        return ids
+
+    # A server whose card does not say its vocabulary: a clear error, nothing sent.
+    state["card"] = {"id": "fake-model", "object": "model"}
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "does not say the vocabulary of 'fake-model'" in err and "--tokenizer DIR" in err and state["n"] == 0
+    assert main([*base, "--tokenizer", "demo"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["vocab_source"] == "--tokenizer demo" and out["config"]["avoid_ids"] == [256]
+    ids = sent_ids()
+    assert max(ids) <= 255 and len(ids) > 200
+    assert main([*base, "--vocab-size", "40", "--avoid-ids", "3,7"]) == 0
+    capsys.readouterr()
+    assert sent_ids() == set(range(40)) - {3, 7}
+    assert main([*base, "--tokenizer", "/nonexistent"]) == 2
+    assert "cannot load the tokenizer of '/nonexistent'" in capsys.readouterr().err
+
+
+def test_a_tokenizer_gives_its_ids_but_special_and_unused_ones(tmp_path):
+    from tokenizers import Tokenizer, models
+    from tsukimi.bench.serve_vocab import from_card, from_tokenizer
+
+    from tests.unit.bpe_tokenizer import build_bpe
+
+    (tmp_path / "bpe").mkdir()
+    build_bpe().tokenizer.save(str(tmp_path / "bpe" / "tokenizer.json"))
+    vocab = from_tokenizer(str(tmp_path / "bpe"), extra_avoid=[5, 10**6])
+    assert vocab.size == 325 and vocab.avoid_ids == (0, 1, 2, 5)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    # Ids that name no token are left out too.
+    (tmp_path / "words").mkdir()
+    words = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 2, "c": 3, "d": 4, "[UNK]": 5}, unk_token="[UNK]"))
+    words.add_special_tokens(["<s>"])
+    words.save(str(tmp_path / "words" / "tokenizer.json"))
+    vocab = from_tokenizer(str(tmp_path / "words"))
+    assert vocab.size == 6 and vocab.avoid_ids == (1, 5)
+    card = from_card({"id": "m", "vocab_size": 10, "special_token_ids": [9, 2]}, "u/v1/models")
+    assert (card.size, card.avoid_ids, card.source) == (10, (2, 9), "u/v1/models")
+    with pytest.raises(ValueError, match="no token id left"):
+        from_card({"vocab_size": 2, "special_token_ids": [0, 1]}, "u")
+
+
+def test_chat_turns_send_answers_back_and_sum_cached_tokens(fake_server, capsys):
+    from tsukimi.bench import serve_chat
+
+    url, state = fake_server
+    assert serve_chat.main(["--url", url, "--conversations", "2", "--turns", "3", "--pause", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    chats = state["chats"]
+    assert len(chats) == 6 and {c["model"] for c in chats} == {"fake-model"}
+    # Turn 3 of conversation 0: system, user, answer, user, answer, user; the answers exactly as received.
+    assert [m["role"] for m in chats[2]["messages"]] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in chats[2]["messages"][2::2]] == ["answer\u20282", "answer\u20284"]
+    assert chats[3]["messages"][0]["content"] != chats[0]["messages"][0]["content"]
+    assert chats[0]["temperature"] == 0 and chats[3]["seed"] == 1
+    # Prompts of 2, 4, 6 messages: 20, 40, 60 tokens with 0, 20, 40 cached, in each conversation.
+    assert out["turns"] == [
+        {"turn": 1, "conversations": 2, "prompt_tokens": 40, "cached_tokens": 0, "cached_share": 0.0},
+        {"turn": 2, "conversations": 2, "prompt_tokens": 80, "cached_tokens": 40, "cached_share": 0.5},
+        {"turn": 3, "conversations": 2, "prompt_tokens": 120, "cached_tokens": 80, "cached_share": 0.6667},
+    ]
+    assert out["later_turns"] == {"prompt_tokens": 200, "cached_tokens": 120, "cached_share": 0.6}
+    assert serve_chat.main(["--url", url + "/nothing", "--turns", "1"]) == 2
+    assert "HTTPStatusError" in capsys.readouterr().err

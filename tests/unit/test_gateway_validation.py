@@ -247,6 +247,8 @@ async def test_models_and_health_without_workers(client):
     body = response.json()
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["demo"]
     assert body["data"][0]["object"] == "model"
+    # What a load generator needs to draw prompt ids: the demo's bytes, not its end-of-text token.
+    assert (body["data"][0]["vocab_size"], body["data"][0]["special_token_ids"]) == (257, [256])
     response = await client.get("/health")
     assert response.status_code == 503
     assert set(response.json()["missing"]) == {"prefill", "decode"}

@@ -5,7 +5,8 @@ synthetic Poisson load, streams every answer from POST /v1/completions, and repo
 longest 10% inter-token gaps), TPOT and ITL percentiles, effective request capacity (share of ALL scheduled
 requests meeting both SLOs), goodput, rejection (429) and failure rates, prefix hit rate and throughput.
 `--sweep` measures several loads and finds the highest request rate at which `--target` of the requests meet
-both SLOs.
+both SLOs. Prompt token ids are drawn inside the served model's vocabulary, never its special tokens (see
+`serve_vocab`: `--tokenizer DIR`, `--vocab-size N`, or what the server's /v1/models lists).
 
 Defaults suit a 2-core CPU machine serving the demo model (prefill ~0.7 ms/token, decode step 15-40 ms):
 length scale 0.02 (a 15k-token prompt becomes ~300 tokens, a 512-token block 10), output scale 0.1 (149 tokens
@@ -25,8 +26,8 @@ import time
 from tsukimi.bench.serve_metrics import per_request, summarize
 from tsukimi.bench.serve_record import write_records
 from tsukimi.bench.serve_sweep import RateSearch
+from tsukimi.bench.serve_vocab import Vocabulary, from_card, from_tokenizer
 from tsukimi.bench.serve_workload import (
-    DEMO_EOS_ID,
     TRACE_BLOCK_TOKENS,
     PromptMaker,
     Schedule,
@@ -87,10 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop scheduling after S seconds of replay time (arrivals after rate scaling); "
                              f"default: the whole trace, {SYNTHETIC_S:g} s for --synthetic without --limit, "
                              f"{SWEEP_POINT_S:g} s per --sweep point")
-    parser.add_argument("--vocab-size", type=_positive(int), default=256,
-                        help="prompt token ids are drawn from 0..N-1 (default %(default)s: bytes of the demo model)")
-    parser.add_argument("--avoid-ids", type=_id_list, default=[DEMO_EOS_ID],
-                        help=f"token ids never put in prompts (comma-separated; default {DEMO_EOS_ID}, the demo EOS)")
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab-size", type=_positive(int),
+                       help="prompt token ids are drawn from 0..N-1 but --avoid-ids (default: the vocabulary of "
+                            "--tokenizer, else the one the server's /v1/models lists, else an error)")
+    vocab.add_argument("--tokenizer", metavar="DIR",
+                       help="the model's checkpoint or tokenizer directory ('demo': the demo model): prompt "
+                            "ids are its token ids but its special and unused ones")
+    parser.add_argument("--avoid-ids", type=_id_list, default=[],
+                        help="token ids never put in prompts besides the special ones (comma-separated)")
     parser.add_argument("--prompt-salt", type=int,
                         help="seed mixed into every block's generator (default: a fresh one per run and per sweep "
                              "point, so a run never reuses the server's cache from an earlier one)")
@@ -138,9 +144,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Bench:
     """One invocation: the workload source, the client settings, and how to measure one load."""
 
-    def __init__(self, args: argparse.Namespace, model: str):
+    def __init__(self, args: argparse.Namespace, model: str, vocab: Vocabulary):
         self.args = args
         self.model = model
+        self.vocab = vocab
         self.trace = None
         if args.trace:
             from tsukimi.sim.cache import load_trace
@@ -162,7 +169,7 @@ class Bench:
 
     def schedule(self, load: float, salt: int, sweeping: bool) -> Schedule:
         a = self.args
-        maker = PromptMaker(a.vocab_size, a.avoid_ids, salt)
+        maker = PromptMaker(self.vocab.size, self.vocab.avoid_ids, salt)
         if self.trace is not None:
             return trace_schedule(self.trace, maker, rate_scale=load, length_scale=a.length_scale,
                                   output_scale=a.output_scale, limit=a.limit,
@@ -192,8 +199,9 @@ class Bench:
     def config(self) -> dict:
         a = self.args
         cfg = {"url": a.url, "model": self.model, "ttft_slo_s": a.ttft_slo, "tbt_slo_s": a.tbt_slo,
-               "limit": a.limit, "duration_s": self.duration(a.sweep), "vocab_size": a.vocab_size,
-               "avoid_ids": a.avoid_ids, "prompt_salt": self.base_salt, "max_outstanding": a.max_outstanding,
+               "limit": a.limit, "duration_s": self.duration(a.sweep), "vocab_size": self.vocab.size,
+               "avoid_ids": list(self.vocab.avoid_ids), "vocab_source": self.vocab.source,
+               "prompt_salt": self.base_salt, "max_outstanding": a.max_outstanding,
                "request_timeout_s": a.request_timeout, "drain_timeout_s": a.drain_timeout}
         if self.trace is not None:
             cfg.update(workload="trace", trace=a.trace, rate_scale=a.rate_scale, length_scale=a.length_scale,
@@ -292,10 +300,19 @@ def print_summary(s: dict) -> None:
 
 
 async def _main(args: argparse.Namespace) -> dict:
-    from tsukimi.bench.serve_client import first_model
+    from tsukimi.bench.serve_client import model_cards
 
-    model = args.model or await first_model(args.url)
-    bench = Bench(args, model)
+    model, vocab = args.model, None
+    if args.vocab_size is not None:
+        vocab = Vocabulary.of(args.vocab_size, args.avoid_ids, "--vocab-size")
+    elif args.tokenizer:
+        vocab = from_tokenizer(args.tokenizer, args.avoid_ids)
+    if model is None or vocab is None:
+        cards = await model_cards(args.url)
+        card = cards[0] if model is None else next((c for c in cards if c.get("id") == model), {"id": model})
+        model = card["id"]
+        vocab = vocab or from_card(card, f"{args.url.rstrip('/')}/v1/models", args.avoid_ids)
+    bench = Bench(args, model, vocab)
     return await (bench.sweep() if args.sweep else bench.single())
 
 

@@ -27,6 +27,7 @@ from tsukimi.bench.serve_record import (
     UNFINISHED,
     RequestRecord,
     SseDecoder,
+    SseLineSplitter,
     apply_event,
 )
 from tsukimi.bench.serve_workload import PlannedRequest
@@ -60,15 +61,7 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, plan: Planne
                 else:
                     rec.fail(f"http_{resp.status_code}", _error_message(body))
                 return
-            decoder = SseDecoder()
-            async for line in resp.aiter_lines():
-                data = decoder.feed(line)
-                if data is not None and apply_event(rec, data, clock()):
-                    break
-            else:
-                data = decoder.flush()
-                if data is not None:
-                    apply_event(rec, data, clock())
+            await _read_events(resp, rec, clock)
     except httpx.TimeoutException as exc:
         rec.fail(TIMEOUT, type(exc).__name__)
     except (httpx.HTTPError, OSError) as exc:
@@ -80,6 +73,21 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, plan: Planne
             rec.outcome = OK
         else:
             rec.fail(TRUNCATED, "the stream ended without [DONE]")
+
+
+async def _read_events(resp: httpx.Response, rec: RequestRecord, clock: Callable[[], float]) -> None:
+    """Records the events of a 200 stream until `[DONE]` or its end."""
+    lines = SseLineSplitter()
+    decoder = SseDecoder()
+    async for chunk in resp.aiter_bytes():
+        for line in lines.feed(chunk):
+            data = decoder.feed(line)
+            if data is not None and apply_event(rec, data, clock()):
+                return
+    for line in [*lines.flush(), ""]:
+        data = decoder.feed(line)
+        if data is not None and apply_event(rec, data, clock()):
+            return
 
 
 @dataclass
@@ -167,12 +175,17 @@ async def run_schedule(plans: list[PlannedRequest], url: str, model: str, *, max
     return RunOutput(records, elapsed)
 
 
-async def first_model(url: str, timeout_s: float = 10.0) -> str:
-    """The id of the first model GET /v1/models lists."""
+async def model_cards(url: str, timeout_s: float = 10.0) -> list[dict]:
+    """The model cards GET /v1/models lists (at least one, each with an `id`)."""
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         resp = await client.get(f"{url.rstrip('/')}/v1/models")
         resp.raise_for_status()
-        models = resp.json().get("data") or []
+        body = resp.json()
+    models = body.get("data") if isinstance(body, dict) else None
+    is_list = isinstance(models, list) and all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) for m in models)
+    if not is_list:
+        raise RuntimeError(f"{url}/v1/models is not a list of models")
     if not models:
         raise RuntimeError(f"{url}/v1/models lists no model")
-    return models[0]["id"]
+    return models

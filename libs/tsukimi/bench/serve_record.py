@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 OK, REJECTED, FAILED, PENDING = "ok", "rejected", "failed", "pending"
@@ -62,6 +63,52 @@ class RequestRecord:
     def num_output_tokens(self) -> int:
         """Tokens received: usage's count when the server sent it, else the text chunks."""
         return self.completion_tokens if self.completion_tokens is not None else len(self.token_times)
+
+
+# An event stream's line ends: CRLF, CR or LF, and no other (`str.splitlines` also splits at U+2028, U+0085,
+# U+001C..., which JSON carries unescaped inside strings).
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+BOM = "\ufeff"
+
+
+class SseLineSplitter:
+    """The lines (without their ends) of an event stream fed as bytes in chunks of any size: a chunk may end inside
+    a CRLF or a UTF-8 character. Lines are decoded as UTF-8 (bad bytes as U+FFFD) and a leading BOM is dropped,
+    as the SSE spec says."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        # The last chunk ended with CR: an LF starting the next one ends no line.
+        self._is_after_cr = False
+        self._is_first_line = True
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if not chunk:
+            return []
+        if self._is_after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._is_after_cr = False
+        data = self._pending + chunk
+        lines = []
+        start = 0
+        for end in _LINE_END.finditer(data):
+            lines.append(self._text(data[start:end.start()]))
+            start = end.end()
+            self._is_after_cr = end.group() == b"\r" and start == len(data)
+        self._pending = data[start:]
+        return lines
+
+    def flush(self) -> list[str]:
+        """At the end of the stream: the last line if it had no line end."""
+        pending, self._pending = self._pending, b""
+        return [self._text(pending)] if pending else []
+
+    def _text(self, line: bytes) -> str:
+        text = line.decode("utf-8", errors="replace")
+        if self._is_first_line:
+            self._is_first_line = False
+            text = text.removeprefix(BOM)
+        return text
 
 
 class SseDecoder:

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1)
     # Most requests the gateway keeps in flight before answering 429.
     max_inflight_requests: int = Field(1024, ge=1)
+    # Bytes of the gateway's memory of its chat answers' token ids (UTF-8 text + 4 per id; least recently used out),
+    # spliced into a later turn's prompt that sends the answer back so it reuses the answer's KV; 0 turns it off.
+    answer_memory_bytes: int = Field(64 << 20, ge=0)
     # Log level of every service.
     log_level: str = "INFO"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from tsukimi.text.chat_splice import KnownIds, encode_chat_spliced
 from tsukimi.text.chat_template import ChatTemplate
 
 DEMO_EOS = "<|endoftext|>"
@@ -122,11 +123,19 @@ class TextTokenizer:
             ids = [self.bos_token_id, *ids]
         return ids
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered by the chat template, ready for the assistant's turn."""
-        text = self.chat_template.render(messages)
+    def encode_chat(self, messages: list[dict], known_ids: KnownIds | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the chat template, ready for the assistant's turn.
+
+        `known_ids` gives the token ids of assistant contents the model generated, spliced in where that is exact
+        (see `chat_splice`).
+        """
         # NOTE: templates write their own BOS text; encoding adds none to avoid a doubled BOS.
-        return self.encode(text, add_special_tokens=False)
+        if known_ids is not None:
+            return encode_chat_spliced(self.chat_template, self._encode_batch, messages, known_ids)
+        return self.encode(self.chat_template.render(messages), add_special_tokens=False)
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of `token_ids`, special tokens dropped."""
@@ -136,6 +145,11 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of the special tokens (end of text, chat markers, ...), ascending."""
+        return sorted(i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special)
 
 
 def _read_json(path: str) -> dict:
