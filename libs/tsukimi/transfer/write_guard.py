@@ -34,9 +34,13 @@ def num_units(buffer_length: int, unit_bytes: int) -> int:
 def refusal(owners: memoryview, unit_bytes: int, offset: int, length: int, tag: int) -> str:
     """"" when a WRITE of [offset, offset + length) (inside the buffer) carrying `tag` may land, i.e. `tag` owns
     every unit it touches; else why not. `owners`: the table as a memoryview of uint64 ('Q')."""
+    first = offset // unit_bytes
+    last = (offset + length - 1) // unit_bytes
+    if first == last and tag and owners[first] == tag:
+        return ""  # NOTE: the common case (a layer's slice of one block) without the loop: ~0.3 us, not ~1 us.
     if not tag:
         return "the buffer is write-guarded and the write carries no owner tag"
-    for unit in range(offset // unit_bytes, (offset + length - 1) // unit_bytes + 1):
+    for unit in range(first, last + 1):
         owner = owners[unit]
         if owner != tag:
             state = "free" if owner == 0 else "owned by another writer"
