@@ -9,7 +9,9 @@ A reservation lives while its writer does: prefill renews the ones it holds (`re
 the sweep frees only those silent for the TTL, counted from the last sign of life (its writer died, or lost
 touch). Each reservation has a nonce, the owner tag of its blocks in the write guard (the decode buffer's, see
 tsukimi.transfer.write_guard) while it holds them: taken, released or swept, its blocks are cleared there before
-they are freed, so a stale writer's later writes into them are refused, whoever owns them next."""
+they are freed, so a stale writer's later writes into them are refused, whoever owns them next. A swept
+reservation's writer may be in the middle of a copy it was allowed (the guard's check-then-copy window): its
+blocks are kept from reuse for one more TTL ("cooling") before they are freed."""
 
 from __future__ import annotations
 
@@ -58,13 +60,16 @@ class KVInbox:
         self._clock = clock
         self._reservations: dict[str, Reservation] = {}
         self._cancelled = ExpiringSet(orphan_ttl_s)
+        # Blocks of swept reservations, cleared in the guard, not yet freed: (monotonic time swept, block ids).
+        self._cooling: list[tuple[float, list[int]]] = []
         # NOTE: from a random start, so a restarted worker does not hand out the nonces of its earlier life.
         self._nonces = itertools.count(secrets.randbits(62) + 1)
 
     @property
     def num_blocks(self) -> int:
-        """Blocks held by reservations."""
-        return sum(len(r.block_ids) for r in self._reservations.values())
+        """Blocks held by reservations (and by swept ones cooling)."""
+        return (sum(len(r.block_ids) for r in self._reservations.values())
+                + sum(len(block_ids) for _, block_ids in self._cooling))
 
     def __len__(self) -> int:
         return len(self._reservations)
@@ -131,11 +136,16 @@ class KVInbox:
         return True
 
     def sweep(self) -> list[str]:
-        """Frees reservations silent for longer than the TTL (no task, release or renewal); returns their keys."""
+        """Ends reservations silent for longer than the TTL (no task, release or renewal): their blocks refuse
+        writes at once and are freed a TTL later; frees those that have cooled so. Returns the keys ended."""
         now = self._clock()
+        while self._cooling and now - self._cooling[0][0] > self.orphan_ttl_s:
+            self.manager.free(self._cooling.pop(0)[1])
         stale = [k for k, r in self._reservations.items() if now - r.last_seen > self.orphan_ttl_s]
         for key in stale:
-            self._free(self._reservations.pop(key))
+            reservation = self._reservations.pop(key)
+            self._disown(reservation)
+            self._cooling.append((now, reservation.block_ids))
         self._cancelled.prune()
         return stale
 

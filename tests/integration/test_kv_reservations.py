@@ -104,7 +104,7 @@ async def test_a_stale_writer_cannot_overwrite_the_next_owner_of_its_blocks(clus
 
         assert [s.status for s in await write_blocks(1)] == [Status.COMPLETED]  # its own, while it holds them
         await until(lambda: len(decoder.inbox) == 0, "the silent reservation to be swept", timeout=5)
-        # The blocks go back to the free list in their order: the next request gets the first of them.
+        # The blocks go back to the free list in their order (a TTL after the sweep): the next request gets the first.
         slow_down(prefill, monkeypatch)
         num_blocks = kv.num_blocks_for(len(PROMPT))
         answer = asyncio.create_task(generate(nc, PROMPT, SamplingParams(temperature=0, max_tokens=40)))

@@ -14,7 +14,9 @@ Where the check happens:
 NOTE (the remaining race, both paths): the check and the copy are two steps. A write checked just before its
 units are cleared still lands; the window is one slice's copy (shm, ~0.1 ms for 1 MiB) or receive (tcp, from the
 check to the slice's last byte). A writer the owner stopped waiting for must be inside that window at the very
-moment its units are cleared, and the new owner's writes into them must land before its stale one ends.
+moment its units are cleared, and the new owner's writes into them must land before its stale one ends. An owner
+that keeps cleared units unused for a while before it assigns them again (decode keeps a swept reservation's blocks
+for a TTL) leaves only a copy stalled that long mid-way.
 """
 
 from __future__ import annotations
