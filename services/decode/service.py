@@ -234,8 +234,9 @@ class DecodeService:
                 await self._step()
             if time.monotonic() - last_sweep > 1.0:
                 for key in self.inbox.sweep():
-                    log.warning("freed KV reserved for %s: its writer silent for %.1fs (no renewal, task or "
-                                "release)", key, self.settings.kv_orphan_ttl_s)
+                    log.warning("ended the KV reservation of %s: its writer silent for %.1fs (no renewal, task or "
+                                "release); its blocks refuse writes now, freed a TTL later", key,
+                                self.settings.kv_orphan_ttl_s)
                     FREED.labels("orphaned").inc()
                 last_sweep = time.monotonic()
             self._export()
