@@ -17,7 +17,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVReservation, KVReserve, TaskAck, decode, encode,
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
+    encode,
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
@@ -103,7 +104,14 @@ class DecodeService:
         kv = self.engine.kv
         await msg.respond(encode(KVReservation(is_accepted=True, buffer_id=self.arena.buffer_id,
                                                block_ids=reservation.block_ids, block_tokens=kv.block_tokens,
-                                               block_bytes=kv.block_bytes)))
+                                               block_bytes=kv.block_bytes, nonce=reservation.nonce)))
+
+    async def _on_renew(self, msg) -> None:
+        try:
+            renew = decode(msg.data, KVRenew)
+        except msgspec.ValidationError:
+            return
+        self.inbox.renew(renew.request_ids)
 
     async def _on_task(self, msg) -> None:
         try:
@@ -193,6 +201,8 @@ class DecodeService:
         if self.engine.kv.region is None:
             raise RuntimeError("the decode engine's KV blocks must live in shared memory (KVBlocks.shared)")
         self.arena = self.transfer.adopt(self.engine.kv.region)
+        # NOTE: one guard unit per block: prefill's writes land only in the blocks of the reservation they name.
+        self.inbox.guard = self.transfer.guard(self.arena, self.engine.kv.block_bytes)
         await self.transfer.publish()
         if self.settings.is_cache_enabled and not self._has_own_cache:
             self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens,
@@ -202,6 +212,7 @@ class DecodeService:
         await self.nc.subscribe(subjects.decode_reserve(self.instance_id), cb=self._on_reserve)
         await self.nc.subscribe(subjects.decode_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.decode_release(self.instance_id), cb=self._on_release)
+        await self.nc.subscribe(subjects.decode_renew(self.instance_id), cb=self._on_renew)
         await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
         beats = asyncio.create_task(heartbeat_forever(
             self.nc, subjects.heartbeat("decode", self.instance_id), self.heartbeat,
@@ -223,7 +234,8 @@ class DecodeService:
                 await self._step()
             if time.monotonic() - last_sweep > 1.0:
                 for key in self.inbox.sweep():
-                    log.warning("freed KV reserved for %s: no decode task within %.0fs", key,
+                    log.warning("ended the KV reservation of %s: its writer silent for %.1fs (no renewal, task or "
+                                "release); its blocks refuse writes now, freed a TTL later", key,
                                 self.settings.kv_orphan_ttl_s)
                     FREED.labels("orphaned").inc()
                 last_sweep = time.monotonic()

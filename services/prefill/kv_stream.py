@@ -81,8 +81,11 @@ class KVStream:
         self._submit([(j * size, block_id * size, size) for j, block_id in enumerate(self.reservation.block_ids)])
 
     def _submit(self, pieces: list[tuple[int, int, int]]) -> None:
+        # NOTE: each write carries the reservation's nonce: decode's write guard refuses it once the blocks are no
+        # longer this reservation's (freed as an orphan, perhaps given to another request).
+        nonce = self.reservation.nonce
         requests = [TransferRequest(Op.WRITE, self.local, local, self.segment, self.reservation.buffer_id, target,
-                                    length) for local, target, length in pieces]
+                                    length, nonce) for local, target, length in pieces]
         if not self._first_submit:
             self._first_submit = time.perf_counter()
         # NOTE: from the compute thread or the loop's own; either way the write runs on the loop, and its

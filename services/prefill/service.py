@@ -21,8 +21,8 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVReservation, KVReserve, PrefillTask, TaskAck,
-    TokenEvent, decode, encode,
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, PrefillTask,
+    TaskAck, TokenEvent, decode, encode,
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
@@ -32,6 +32,7 @@ from tsukimi.model.spec import max_model_len
 from tsukimi.prefill.calibration import PrefillCosts, measure
 from tsukimi.prefill.chunk_scheduler import ChunkScheduler
 from tsukimi.prefill.engine import PrefillEngine, PrefillJob, PrefillStopped
+from tsukimi.prefill.held_reservations import HeldReservations
 from tsukimi.prefill.kv_stream import KVStream
 from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
@@ -94,6 +95,8 @@ class PrefillService:
         self._stores: set[asyncio.Task] = set()
         # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
         self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
+        # Decode reservations held (reserved, not yet handed over or released): renewed while this worker lives.
+        self.held = HeldReservations()
         self.nc = None
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
@@ -178,6 +181,7 @@ class PrefillService:
             self.nc, subjects.heartbeat("prefill", self.instance_id), self.heartbeat,
             self.settings.heartbeat_interval_s, stop,
         ))
+        renewals = asyncio.create_task(self._renew_forever(stop))
         log.info("prefill %s ready", self.instance_id)
         while not stop.is_set():
             if len(self._tasks) >= self.settings.prefill_max_active:
@@ -207,8 +211,25 @@ class PrefillService:
         if self.cache is not None:
             await self.cache.close()
         await beats
+        await renewals
         await self.transfer.close()
         await self.nc.drain()
+
+    async def _renew_forever(self, stop: asyncio.Event) -> None:
+        """Every `kv_orphan_ttl_s` / 4, tells each decode worker which of its reservations this worker still holds
+        (so a slow prefill's blocks are not freed under its writes; a dead one's are, after the TTL)."""
+        interval = self.settings.kv_orphan_ttl_s / 4
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            except asyncio.TimeoutError:
+                pass
+            for decode_id, request_ids in self.held.by_decode().items():
+                try:
+                    await self.nc.publish(subjects.decode_renew(decode_id), encode(KVRenew(request_ids=request_ids)))
+                except Exception as exc:  # NOTE: a missed renewal must not stop the next ones.
+                    log.warning("renewing KV reservations on %s failed: %r", decode_id, exc)
 
     async def _process(self, task: PrefillTask) -> None:
         request = task.request
@@ -313,7 +334,10 @@ class PrefillService:
         while True:
             reservation = await self._ask_decode(task.decode_id, subjects.decode_reserve(task.decode_id),
                                                  KVReserve(request_id=rid, num_tokens=num_tokens), KVReservation)
-            if reservation.is_accepted or rid in self.cancelled:
+            if reservation.is_accepted:
+                self.held.add(task.decode_id, rid)
+                break
+            if rid in self.cancelled:
                 break
             if reservation.error is None or reservation.error.code != "kv_full" or time.monotonic() > deadline:
                 break
@@ -344,6 +368,7 @@ class PrefillService:
 
     async def _release_blocks(self, task: PrefillTask) -> None:
         """Tells the decode worker to free the blocks it reserved for `task` (no write into them is in flight)."""
+        self.held.discard(task.decode_id, task.request.request_id)
         await self.nc.publish(subjects.decode_release(task.decode_id),
                               encode(KVRelease(request_id=task.request.request_id)))
 
@@ -368,7 +393,11 @@ class PrefillService:
         layout = self.engine.block_layout(stream.num_tokens)
         handoff = DecodeTask(request=task.request, first_token_id=first, num_kv_tokens=stream.num_tokens,
                              kv_layout=layout)
-        ack = await self._ask_decode(task.decode_id, subjects.decode_tasks(task.decode_id), handoff, TaskAck)
+        try:
+            ack = await self._ask_decode(task.decode_id, subjects.decode_tasks(task.decode_id), handoff, TaskAck)
+        finally:
+            # NOTE: once decode answers, it has taken the reservation or freed it; if it does not, its TTL frees it.
+            self.held.discard(task.decode_id, rid)
         if not ack.is_accepted:
             OUTCOMES.labels("handoff_failed").inc()
             if rid not in self.cancelled:

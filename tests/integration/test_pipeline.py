@@ -38,13 +38,14 @@ def reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 @pytest.fixture
-async def cluster(nats_url, model, tmp_path):
-    """One conductor, prefill and decode service in this loop; yields (nats client, services)."""
+async def cluster(nats_url, model, tmp_path, request):
+    """One conductor, prefill and decode service in this loop; yields (nats client, services). Settings of a test's
+    own: parametrize it indirectly with a dict of them."""
     settings = Settings(nats_url=nats_url, heartbeat_interval_s=0.2, database_url=f"sqlite:///{tmp_path}/j.db",
                         cluster_secret="pipeline-test", kv_arena_bytes=64 << 20,
                         # NOTE: small chunks, so concurrent prompts take turns chunk by chunk (and short ones share
                         # forwards) in every test here.
-                        prefill_chunk_tokens=32)
+                        prefill_chunk_tokens=32).model_copy(update=getattr(request, "param", {}))
     stop = asyncio.Event()
     conductor = ConductorService(settings.model_copy(update={"instance_id": "c-" + uuid.uuid4().hex[:6]}),
                                  RequestJournal(settings.database_url))

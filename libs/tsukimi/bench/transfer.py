@@ -21,6 +21,8 @@ from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 
 TARGET_SEGMENT = "bench-target"
+# The owner tag of every block of a guarded target (`--guarded`).
+GUARD_TAG = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=4, help="tcp connections per peer")
     parser.add_argument("--window", type=int, default=16, help="tcp requests in flight per connection")
     parser.add_argument("--nats-url", default=None, help="metadata service (default: an embedded NATS)")
+    parser.add_argument("--guarded", action="store_true",
+                        help="the target guards its buffer (one owner tag per block), writes carry the tag")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--compare", action="store_true",
                         help="also run Mooncake's tcp bench and memcpy, interleaved, and print medians and ratios")
@@ -51,6 +55,9 @@ async def _target(args, secret: bytes, ready_fd: int) -> None:
     await engine.start()
     buffer = engine.allocate(_buffer_bytes(args))
     np.frombuffer(buffer.view, dtype=np.uint8)[:] = 7
+    if args.guarded:
+        guard = engine.guard(buffer, args.block_size)
+        guard.assign(range(guard.num_units), GUARD_TAG)
     await engine.publish()
     os.write(ready_fd, b"ready\n")
     stop = asyncio.Event()
@@ -75,6 +82,7 @@ async def _initiator(args, secret: bytes) -> dict:
     descriptor = await engine.open_segment(TARGET_SEGMENT)
     target_id = descriptor.buffers[0].buffer_id
     op = Op.READ if args.op == "read" else Op.WRITE
+    tag = GUARD_TAG if args.guarded else 0
     span = args.block_size * args.batch_size
     latencies: list[float] = []
     num_bytes = 0
@@ -85,7 +93,8 @@ async def _initiator(args, secret: bytes) -> dict:
         base = worker * span
         while time.monotonic() < deadline:
             requests = [TransferRequest(op, local_buffer, base + i * args.block_size, TARGET_SEGMENT, target_id,
-                                        base + i * args.block_size, args.block_size) for i in range(args.batch_size)]
+                                        base + i * args.block_size, args.block_size, tag)
+                        for i in range(args.batch_size)]
             statuses = await engine.wait(await engine.submit(requests))
             for st in statuses:
                 if st.status == Status.COMPLETED:
@@ -108,6 +117,7 @@ async def _initiator(args, secret: bytes) -> dict:
     ordered = sorted(latencies) or [0.0]
     return {
         "system": "tsukimi", "transport": args.transport, "op": args.op, "block_size": args.block_size,
+        "is_guarded": args.guarded,
         "batch_size": args.batch_size, "threads": args.threads, "connections": args.connections, "window": args.window,
         "duration_s": round(elapsed, 3), "gb_per_s": round(num_bytes / elapsed / 1e9, 3),
         "requests_per_s": round(len(latencies) / elapsed, 1), "failed": num_failed,
@@ -129,7 +139,8 @@ def run(args) -> dict:
     env = dict(os.environ, TSUKIMI_BENCH_SECRET=secret.hex())
     cmd = [sys.executable, "-m", "tsukimi.bench.transfer", "--role", "target", "--ready-fd", str(write_fd),
            "--nats-url", args.nats_url, "--block-size", str(args.block_size), "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads), "--connections", str(args.connections)]
+           "--threads", str(args.threads), "--connections", str(args.connections)] + (
+               ["--guarded"] if args.guarded else [])
     target = subprocess.Popen(cmd, env=env, pass_fds=(write_fd,))
     os.close(write_fd)
     try:

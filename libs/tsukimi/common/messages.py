@@ -139,6 +139,17 @@ class KVReservation(Message):
     block_bytes: int = 0
     # Why not ("kv_full" when the blocks are all in use: worth asking again shortly).
     error: ErrorInfo | None = None
+    # This reservation's identity: the owner tag every write into its blocks must carry (the decode worker's
+    # write guard refuses writes into blocks of another reservation or freed ones).
+    nonce: int = 0
+
+
+class KVRenew(Message):
+    """Prefill -> decode worker, every `kv_orphan_ttl_s` / 4: reservations still held by a live writer (writing,
+    or about to hand over or release them); the decode worker frees only those silent for `kv_orphan_ttl_s`."""
+
+    # The requests whose reservations on that decode worker prefill holds.
+    request_ids: list[str]
 
 
 class KVRelease(Message):

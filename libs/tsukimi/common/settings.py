@@ -120,8 +120,8 @@ class Settings(BaseSettings):
     segment_ttl_s: float = Field(10.0, gt=0)
     # Connections a transfer engine opens to one TCP peer.
     transfer_connections: int = Field(4, ge=1)
-    # Seconds reserved KV blocks wait for their decode task (or the release of a cancelled one) before they are
-    # freed; longer than a KV transfer may take.
+    # Seconds reserved KV blocks may go without a sign of life from their writer (prefill renews the ones it holds
+    # every quarter of it) before decode frees them; longer than a hiccup of the bus.
     kv_orphan_ttl_s: float = Field(40.0, gt=0)
     # Seconds a KV transfer may take before it fails.
     kv_transfer_timeout_s: float = Field(30.0, gt=0)

@@ -36,6 +36,11 @@ def decode_release(instance_id: str) -> str:
     return f"{PREFIX}.decode.{instance_id}.release"
 
 
+def decode_renew(instance_id: str) -> str:
+    """Prefill -> one decode worker (`KVRenew`): the reservations it holds are alive; not to be freed as orphans."""
+    return f"{PREFIX}.decode.{instance_id}.renew"
+
+
 def decode_tasks(instance_id: str) -> str:
     """Prefill -> one decode worker, request/reply (`DecodeTask` -> `TaskAck`), after the KV has arrived."""
     return f"{PREFIX}.decode.{instance_id}.tasks"

@@ -45,6 +45,8 @@ class TransferRequest(NamedTuple):
     buffer_id: int
     target_offset: int
     length: int
+    # A WRITE's owner tag, for a target buffer with a write guard (see write_guard.py); 0: none.
+    tag: int = 0
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class Slice:
     attempts: int = 0
     # True once reported done (moved or failed).
     is_finished: bool = False
+    # Its request's owner tag (see `TransferRequest.tag`).
+    tag: int = 0
 
     def done(self, error: str = "", status: Status | None = None) -> None:
         self.is_finished = True
@@ -220,7 +224,7 @@ def cut(batch: Batch, index: int, local: memoryview, slice_bytes: int) -> list[S
     for start in range(0, request.length, slice_bytes):
         n = min(slice_bytes, request.length - start)
         slices.append(Slice(batch, index, request.op, local[start:start + n], request.buffer_id,
-                            request.target_offset + start, n))
+                            request.target_offset + start, n, tag=request.tag))
     return slices
 
 

@@ -20,6 +20,10 @@ class BufferDescriptor(msgspec.Struct, frozen=True):
     is_writable: bool
     # Name of its POSIX shared-memory object ("" when it is private memory: then no peer can map it).
     shm_name: str = ""
+    # Name of the shared-memory table of its write guard's owner tags ("" when writes are not guarded).
+    guard_shm_name: str = ""
+    # Bytes per unit of that table (0 when writes are not guarded).
+    guard_unit_bytes: int = 0
 
 
 class SegmentDescriptor(msgspec.Struct):

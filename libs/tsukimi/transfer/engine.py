@@ -30,6 +30,7 @@ from tsukimi.transfer.rdma_peer import RdmaHost, RdmaPeer
 from tsukimi.transfer.shm_peer import ShmPeer
 from tsukimi.transfer.tcp_peer import TcpPeer
 from tsukimi.transfer.tcp_server import TcpServer
+from tsukimi.transfer.write_guard import WriteGuard
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class LocalBuffer:
     region: SharedRegion | None = None
     # Its RDMA registration, when the engine offers rdma (and the memory could be registered).
     mr: MemoryRegion | None = None
+    # Who may write where in it, when its application guards it (see `TransferEngine.guard`).
+    guard: WriteGuard | None = None
 
     # Its bytes as a uint8 numpy array (made on first use by the shm transport).
     _array: np.ndarray | None = field(default=None, init=False, repr=False)
@@ -206,6 +209,8 @@ class TransferEngine:
                 self._rdma.deregister(buffer.mr)
             if buffer.region is not None:
                 buffer.region.close()
+            if buffer.guard is not None:
+                buffer.guard.close()
         self._buffers.clear()
         if self._rdma is not None:
             # NOTE: transfers still in flight then fail ("device is closed"); peers' QPs here are destroyed.
@@ -227,7 +232,8 @@ class TransferEngine:
             name=self.segment_name, host_id=local_host_id(), pid=os.getpid(), tcp_address=self.address,
             transports=list(self._transports), rdma_device=self._rdma.name if self._rdma else "",
             published_at=time.time(), generation=self._generation,
-            buffers=[BufferDescriptor(b.buffer_id, b.length, b.is_writable, b.region.name if b.region else "")
+            buffers=[BufferDescriptor(b.buffer_id, b.length, b.is_writable, b.region.name if b.region else "",
+                                      b.guard.region.name if b.guard else "", b.guard.unit_bytes if b.guard else 0)
                      for b in self._buffers.values()],
         )
 
@@ -266,6 +272,19 @@ class TransferEngine:
         model); the engine owns it from now on and closes it on `unregister`. Call `publish()` to announce it."""
         return self._add(LocalBuffer(0, region.view, is_writable=not read_only, region=region))
 
+    def guard(self, buffer: LocalBuffer, unit_bytes: int) -> WriteGuard:
+        """Guards peers' writes into `buffer`: from now on a WRITE lands only where every `unit_bytes` unit it
+        touches holds the tag it carries (`TransferRequest.tag`), as the returned guard's owner assigns them
+        (write_guard.py). Peers then reach it over shm or tcp, never rdma. Call `publish()` to announce it."""
+        if buffer.guard is None:
+            buffer.guard = WriteGuard(buffer.length, unit_bytes)
+            if buffer.mr is not None:
+                # NOTE: withdrawn from rdma peers too, whose writes it could not check.
+                self._rdma.deregister(buffer.mr)
+                buffer.mr = None
+            self._generation += 1
+        return buffer.guard
+
     def _add(self, buffer: LocalBuffer) -> LocalBuffer:
         buffer.buffer_id = self._next_buffer_id
         self._next_buffer_id += 1
@@ -287,10 +306,12 @@ class TransferEngine:
                 self._rdma.deregister(buffer.mr)
             if buffer.region is not None:
                 buffer.region.close()
+            if buffer.guard is not None:
+                buffer.guard.close()
 
-    def _lookup(self, buffer_id: int) -> tuple[memoryview, bool] | None:
+    def _lookup(self, buffer_id: int) -> tuple[memoryview, bool, WriteGuard | None] | None:
         buffer = self._buffers.get(buffer_id)
-        return (buffer.view, buffer.is_writable) if buffer else None
+        return (buffer.view, buffer.is_writable, buffer.guard) if buffer else None
 
     def _rdma_regions(self) -> list[tuple[int, MemoryRegion, bool]]:
         # NOTE: called from the TCP server's threads; list() copies the values in one step under the GIL.
@@ -385,6 +406,9 @@ class TransferEngine:
                     continue
                 if same_host and not self.force_transport:
                     reasons.append("rdma: peer is on this host")
+                    continue
+                if buffer.guard_shm_name:
+                    reasons.append("rdma: the buffer's writes are guarded (one-sided RDMA writes go unchecked)")
                     continue
             elif transport == "tcp" and "tcp" not in d.transports:
                 reasons.append("tcp: peer does not offer it")

@@ -1,4 +1,7 @@
-"""The shared-memory transport: a peer on the same host maps the target's shared buffers and copies once."""
+"""The shared-memory transport: a peer on the same host maps the target's shared buffers and copies once.
+
+A buffer with a write guard (see write_guard.py) has its owner table mapped too: each WRITE copy is checked
+against it right before it starts."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import numpy as np
 from tsukimi.transfer.batch import Batch, Op
 from tsukimi.transfer.descriptor import BufferDescriptor
 from tsukimi.transfer.memory import SharedRegion
+from tsukimi.transfer.write_guard import TAG_BYTES, num_units, refusal
 
 try:
     from tsukimi.transfer import _stream_copy
@@ -73,6 +77,8 @@ class ShmPeer:
         # executor).
         self._inline_bytes = inline_bytes
         self._regions: dict[str, tuple[SharedRegion, np.ndarray]] = {}
+        # Owner tables of guarded buffers, by the table's shm name: (region, its tags as a 'Q' memoryview).
+        self._guards: dict[str, tuple[SharedRegion, memoryview]] = {}
 
     def can_reach(self, buffer: BufferDescriptor) -> str:
         """"" when `buffer` can be mapped here, else why not."""
@@ -80,8 +86,9 @@ class ShmPeer:
             return f"buffer {buffer.buffer_id} is private memory, not shared"
         try:
             self._region(buffer)
+            self._guard(buffer)
         except (OSError, ValueError) as exc:
-            return f"cannot map {buffer.shm_name}: {exc}"
+            return f"cannot map {buffer.shm_name} (or its write guard): {exc}"
         return ""
 
     def _region(self, buffer: BufferDescriptor) -> np.ndarray:
@@ -92,6 +99,17 @@ class ShmPeer:
             entry = self._regions[buffer.shm_name] = (region, array)
         return entry[1]
 
+    def _guard(self, buffer: BufferDescriptor) -> tuple[memoryview, int] | None:
+        """(owner tags, unit bytes) of `buffer`'s write guard, mapped read-only; None when it has none."""
+        if not buffer.guard_shm_name:
+            return None
+        entry = self._guards.get(buffer.guard_shm_name)
+        if entry is None:
+            region = SharedRegion.attach(buffer.guard_shm_name,
+                                         num_units(buffer.length, buffer.guard_unit_bytes) * TAG_BYTES, writable=False)
+            entry = self._guards[buffer.guard_shm_name] = (region, region.view.cast("Q"))
+        return entry[1], buffer.guard_unit_bytes
+
     def submit_copies(self, buffer: BufferDescriptor, batch: Batch, copies: list[Copy], num_bytes: int) -> None:
         """Copies `copies` of `batch` in one job, or `num_jobs` when there are bytes enough for each; the jobs
         take the copies one at a time from a shared queue (they end together whatever each copy's speed) and each
@@ -100,24 +118,32 @@ class ShmPeer:
         the others, and then waits for them (each is on its last copy by then): no thread to wake for that share,
         nor an event loop to wake at the end."""
         target = self._region(buffer)
+        guard = self._guard(buffer)
         num_jobs = max(1, min(self._num_jobs, len(copies), num_bytes // MIN_JOB_BYTES))
         # NOTE: one list iterator shared by the jobs: its next() is atomic under the GIL.
         work = iter(copies)
         is_inline = num_bytes <= self._inline_bytes * num_jobs
         for _ in range(num_jobs - 1 if is_inline else num_jobs):
-            self._executor.submit(self._copy_many, target, batch, work)
+            self._executor.submit(self._copy_many, target, batch, work, guard)
         if is_inline:
-            self._copy_many(target, batch, work)
+            self._copy_many(target, batch, work, guard)
             if num_jobs > 1:
                 # NOTE: bounded: a job still copying then is waited for through the event loop (engine.wait).
                 batch.wait(INLINE_WAIT_S)
 
     @staticmethod
-    def _copy_many(target: np.ndarray, batch: Batch, copies) -> None:
+    def _copy_many(target: np.ndarray, batch: Batch, copies, guard: tuple[memoryview, int] | None = None) -> None:
         done: list[tuple[int, int, str]] = []
         pending = 0
         write = Op.WRITE
+        requests = batch.requests
         for index, op, local, local_offset, target_offset, length in copies:
+            if guard is not None and op == write:
+                # NOTE: right before the copy; write_guard.py says what race remains.
+                problem = refusal(guard[0], guard[1], target_offset, length, requests[index].tag)
+                if problem:
+                    done.append((index, length, problem))
+                    continue
             try:
                 # NOTE: the copy releases the GIL, so jobs copy in parallel on several cores.
                 if _stream_copy is not None:
@@ -146,3 +172,7 @@ class ShmPeer:
         for region, _ in self._regions.values():
             region.close()
         self._regions.clear()
+        for region, tags in self._guards.values():
+            tags.release()
+            region.close()
+        self._guards.clear()

@@ -126,15 +126,18 @@ class TcpPeer:
         for piece in group:
             self._seq += 1
             seqs.append(self._seq)
-            op = wire.OP_WRITE if piece.op == Op.WRITE else wire.OP_READ
-            header = wire.REQUEST.pack(op, piece.buffer_id, self._seq, piece.target_offset, piece.length)
-            if op == wire.OP_WRITE:
+            if piece.op == Op.WRITE:
+                op = wire.OP_WRITE_TAGGED if piece.tag else wire.OP_WRITE
+                header = wire.REQUEST.pack(op, piece.buffer_id, self._seq, piece.target_offset, piece.length)
+                if piece.tag:
+                    header += wire.TAG.pack(piece.tag)
                 if read_headers:
                     sock.sendall(b"".join(read_headers))
                     read_headers.clear()
                 wire.send_all(sock, header, piece.local)
             else:
-                read_headers.append(header)
+                read_headers.append(wire.REQUEST.pack(wire.OP_READ, piece.buffer_id, self._seq, piece.target_offset,
+                                                      piece.length))
         if read_headers:
             sock.sendall(b"".join(read_headers))
         for seq, piece in zip(seqs, group):

@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 from tsukimi.transfer import wire
 from tsukimi.transfer.batch import check_range
+from tsukimi.transfer.write_guard import WriteGuard
 
 log = logging.getLogger(__name__)
 
-# Resolves a buffer id to (byte view, is_writable), or None.
-Lookup = Callable[[int], tuple[memoryview, bool] | None]
+# Resolves a buffer id to (byte view, is_writable, its write guard or None), or None.
+Lookup = Callable[[int], tuple[memoryview, bool, WriteGuard | None] | None]
 # Accepts a peer's RDMA queue pair (its msgpack QpInfo): (reply, function closing our QP).
 RdmaAccept = Callable[[bytes], tuple[bytes, Callable[[], None]]]
 
@@ -123,7 +124,10 @@ class TcpServer:
             except Exception as exc:  # NOTE: the application's handler must not kill the connection.
                 log.warning("notification handler failed: %s", exc)
             return self._reply(conn, seq, wire.STATUS_OK)
-        status, message, view = self._check(op, buffer_id, offset, length)
+        tag = wire.TAG.unpack(wire.recv_exact(conn, wire.TAG.size))[0] if op == wire.OP_WRITE_TAGGED else 0
+        if op == wire.OP_WRITE_TAGGED:
+            op = wire.OP_WRITE
+        status, message, view = self._check(op, buffer_id, offset, length, tag)
         if op == wire.OP_WRITE:
             if status != wire.STATUS_OK:
                 # NOTE: the payload follows the header; read it away so the connection stays in sync.
@@ -163,16 +167,21 @@ class TcpServer:
             return self._reply(conn, seq, wire.STATUS_REFUSED, f"rdma: {exc}")
         conn.sendall(wire.RESPONSE.pack(seq, wire.STATUS_OK, len(reply)) + reply)
 
-    def _check(self, op: int, buffer_id: int, offset: int, length: int):
+    def _check(self, op: int, buffer_id: int, offset: int, length: int, tag: int):
         entry = self._lookup(buffer_id)
         if entry is None:
             return wire.STATUS_NO_BUFFER, f"buffer {buffer_id} is not registered", None
-        view, is_writable = entry
+        view, is_writable, guard = entry
         if op == wire.OP_WRITE and not is_writable:
             return wire.STATUS_ACCESS, f"buffer {buffer_id} is read-only", None
         problem = check_range(offset, length, len(view))
         if problem:
             return wire.STATUS_BOUNDS, problem, None
+        if op == wire.OP_WRITE and guard is not None:
+            # NOTE: checked before the payload is received into the buffer (write_guard.py: the remaining race).
+            problem = guard.refusal(offset, length, tag)
+            if problem:
+                return wire.STATUS_REFUSED, problem, None
         return wire.STATUS_OK, "", view
 
     @staticmethod

@@ -5,7 +5,8 @@ Handshake (both sides prove they hold the cluster secret; nothing is served befo
   client -> server  nonce_c (32 B), HMAC(secret, "C" + nonce_s + nonce_c)
   server -> client  status (1 B), HMAC(secret, "S" + nonce_c + nonce_s)
 Request:  op (1 B), buffer id (4 B), seq (8 B), offset (8 B), length (8 B); WRITE and NOTIFY carry `length`
-          payload bytes after it.
+          payload bytes after it. WRITE_TAGGED is a WRITE carrying its owner tag (8 B) between header and payload,
+          for buffers with a write guard (see write_guard.py); an untagged WRITE into such a buffer is refused.
 Response: seq (8 B), status (1 B), message length (4 B), message; a successful READ is followed by the bytes.
 A connection serves requests in order, so a client may send many before reading the responses.
 RDMA control (only to engines that offer rdma; buffer id and offset 0): RDMA_CONNECT carries the client's
@@ -25,13 +26,15 @@ MAGIC = b"TSKT"
 VERSION = 1
 NONCE_BYTES = 32
 
-OP_READ, OP_WRITE, OP_NOTIFY, OP_RDMA_CONNECT, OP_RDMA_REGIONS = 1, 2, 3, 4, 5
+OP_READ, OP_WRITE, OP_NOTIFY, OP_RDMA_CONNECT, OP_RDMA_REGIONS, OP_WRITE_TAGGED = 1, 2, 3, 4, 5, 6
 OP_NAMES = {OP_READ: "READ", OP_WRITE: "WRITE", OP_NOTIFY: "NOTIFY", OP_RDMA_CONNECT: "RDMA_CONNECT",
-            OP_RDMA_REGIONS: "RDMA_REGIONS"}
+            OP_RDMA_REGIONS: "RDMA_REGIONS", OP_WRITE_TAGGED: "WRITE_TAGGED"}
 
 STATUS_OK, STATUS_BOUNDS, STATUS_ACCESS, STATUS_NO_BUFFER, STATUS_BAD_REQUEST, STATUS_REFUSED = range(6)
 
 REQUEST = struct.Struct(">BIQQQ")
+# The owner tag of a WRITE_TAGGED, after its header.
+TAG = struct.Struct(">Q")
 RESPONSE = struct.Struct(">QBI")
 MAX_MESSAGE_BYTES = 4096
 # Largest NOTIFY payload a server accepts.
