@@ -127,11 +127,13 @@ def _extra_configs(max_batch_size: int, max_context: int, span: int) -> list[tup
 
 
 def _shrunk(batch: int, context: int, last: Sample, remaining_s: float) -> int:
-    """`context` per sequence, halved while its steps (predicted linear in the batch's size from the last
-    sample) would exceed `remaining_s`, but kept above twice SHORT_CONTEXT."""
+    """`context` per sequence, halved while its steps (each predicted at most linear in the batch's size from the
+    last sample) would exceed `remaining_s`, but not below twice SHORT_CONTEXT."""
     last_batch, last_context, last_s = last
-    while context > 2 * SHORT_CONTEXT and (STEPS + 1) * last_s * max(
-            batch / last_batch, batch * context / max(1, last_context)) > remaining_s:
+    while context > 2 * SHORT_CONTEXT:
+        step_s = last_s * max(batch / last_batch, batch * context / max(1, last_context))
+        if step_s * (1 + (STEPS if step_s < SLOW_STEP_S else 1)) <= remaining_s:
+            break
         context //= 2
     return context
 

@@ -107,10 +107,13 @@ def _determining_lengths(limit: int) -> list[int]:
 
 
 def _shrunk(new: int, last: Sample, remaining_s: float) -> int:
-    """`new`, halved while its predicted runs (linear in tokens from the last sample) exceed `remaining_s`, but
-    kept above twice the last sample's length so the three stay apart."""
+    """`new`, halved while its runs (each predicted linear in tokens from the last sample) would exceed
+    `remaining_s`, but not below twice the last sample's length, so the three stay apart."""
     last_new, _, last_s = last
-    while new > 2 * last_new and last_s * new / last_new * 2 > remaining_s:
+    while new > 2 * last_new:
+        run_s = last_s * new / last_new
+        if run_s * _repeats(run_s) <= remaining_s:
+            break
         new //= 2
     return new
 
