@@ -16,7 +16,9 @@ Policies (for comparison; `mooncake` is the default):
 
 Rejection: `none`; `early` (the chosen pair's predicted TTFT or current-load TBT misses its SLO); `predicted`
 (TBT predicted for the moment the request reaches decode, from the requests already headed there and those
-expected to have finished by then: the paper's fix for the two pools' anti-phase oscillation).
+expected to have finished by then: the paper's fix for the two pools' anti-phase oscillation). The TTFT a request
+is refused on counts its own prefill at no more than a linear extrapolation past the instance's measured range
+(`CostModel.bounded_prefill_s`): never a refusal on the quadratic term far beyond what was timed.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class Decision:
     num_reused_blocks: int = 0
     fetch_from: str = ""
     predicted_ttft_s: float = 0.0
+    # The TTFT a refusal is judged on: `predicted_ttft_s` with the request's own prefill bounded by the measured
+    # range (`CostModel.bounded_prefill_s`); equal to it within the range.
+    judged_ttft_s: float = 0.0
     predicted_tbt_s: float = 0.0
     # Predicted seconds of the prefill itself, of the KV fetch before it, and of the KV hand-over to decode
     # after it.
@@ -124,6 +129,7 @@ class Placer:
             ranked, reused, source, transfer_s, prefill_s = prefill_choice
             chosen = ranked[0]
         ttft = transfer_s + chosen.queue_s(now) + prefill_s
+        judged_ttft = ttft - prefill_s + self._bounded_estimate(request, chosen, reused)
         handover_s = request.num_prompt_tokens * chosen.cost.kv_bytes_per_token / cfg.transfer_bytes_per_s
         if cfg.is_kv_streamed:
             handover_s = max(0.0, handover_s - prefill_s)
@@ -134,16 +140,17 @@ class Placer:
         elif cfg.rejection != "none" and not decode.can_fit(arrival, context):
             decode = None
         if decode is None:
-            return Decision(rejected="decode_full", predicted_ttft_s=ttft)
+            return Decision(rejected="decode_full", predicted_ttft_s=ttft, judged_ttft_s=judged_ttft)
         tbt = decode.tbt_with(arrival, context)
         decision = Decision(prefill_id=chosen.instance_id, decode_id=decode.instance_id,
                             num_reused_blocks=reused, fetch_from=source, predicted_ttft_s=ttft,
+                            judged_ttft_s=judged_ttft,
                             predicted_tbt_s=tbt, predicted_prefill_s=prefill_s, predicted_transfer_s=transfer_s,
                             predicted_handover_s=handover_s, alternates=[p.instance_id for p in ranked[1:]])
         if cfg.rejection != "none":
             # NOTE: `early` judges the decode load of now, `predicted` the load when the request gets there.
             judged_tbt = decode.tbt_with(now, context) if cfg.rejection == "early" else tbt
-            if ttft > cfg.ttft_slo_s:
+            if judged_ttft > cfg.ttft_slo_s:
                 decision.rejected = "ttft_slo"
             elif judged_tbt > cfg.tbt_slo_s:
                 decision.rejected = "tbt_slo"
@@ -171,6 +178,10 @@ class Placer:
     def _estimate(self, request: Request, p: PrefillInstance, num_blocks: int) -> float:
         reused = self._reused_tokens(request, num_blocks)
         return p.cost.prefill_s(request.num_prompt_tokens - reused, reused)
+
+    def _bounded_estimate(self, request: Request, p: PrefillInstance, num_blocks: int) -> float:
+        reused = self._reused_tokens(request, num_blocks)
+        return p.cost.bounded_prefill_s(request.num_prompt_tokens - reused, reused)
 
     def _choose_prefill(self, request: Request, now: float, prefills: list[PrefillInstance],
                         holdings: dict[str, int]):

@@ -151,14 +151,14 @@ class ConductorService:
             missing = "decode" if prefills else "prefill"
             return ErrorInfo(message=f"no {missing} instance is serving model {request.model!r}; retry later",
                              type="service_unavailable", code="no_capacity", http_status=503)
-        why = {"ttft_slo": f"its time to first token would be {decision.predicted_ttft_s:.1f}s, over the "
+        why = {"ttft_slo": f"its time to first token would be {decision.judged_ttft_s:.1f}s, over the "
                            f"{self.settings.ttft_slo_s:g}s objective",
                "tbt_slo": f"its time between tokens would be {decision.predicted_tbt_s * 1000:.0f}ms, over the "
                           f"{self.settings.tbt_slo_s * 1000:.0f}ms objective",
                "decode_full": "no decode instance has room for it"}[decision.rejected]
         return ErrorInfo(message=f"the server is overloaded: {why}; retry later", type="rate_limit_error",
                          code="overloaded", http_status=429,
-                         retry_after_s=max(1.0, decision.predicted_ttft_s - self.settings.ttft_slo_s))
+                         retry_after_s=max(1.0, decision.judged_ttft_s - self.settings.ttft_slo_s))
 
     async def _place(self, request: GenerateRequest) -> SubmitReply:
         now = time.monotonic()

@@ -300,8 +300,8 @@ def main(settings: Settings) -> None:
     torch.set_num_threads(settings.torch_threads)
     model = load_model(settings.model)
     engine = build_engine(settings, model)
-    # NOTE: calibration takes ~1-2 s (bounded by its budget) and runs before the worker serves, so its timings are
-    # not disturbed by requests and the first heartbeat already carries a cost model.
+    # NOTE: calibration (~2-3 s: 3 batches, more within its budget) runs before the worker serves, so its
+    # timings are not disturbed by requests and the first heartbeat already carries a cost model.
     costs = measure(engine)
     service = DecodeService(settings, bound_by_tbt(engine, costs, settings.tbt_slo_s), costs)
 

@@ -450,8 +450,8 @@ def main(settings: Settings) -> None:
     torch.set_num_threads(settings.torch_threads)
     engine = PrefillEngine(load_model(settings.model), settings.prefill_chunk_tokens)
     max_len = max_model_len(settings.model)
-    # NOTE: calibration takes ~2 s (bounded by its budget) and runs before the worker serves, so its timings are
-    # not disturbed by requests and the first heartbeat already carries a cost model.
+    # NOTE: calibration (~2-3 s: 3 shapes, more within its budget) runs before the worker serves, so its
+    # timings are not disturbed by requests and the first heartbeat already carries a cost model.
     service = PrefillService(settings, engine, max_len, measure(engine, max_len))
 
     def health() -> tuple[bool, dict]:

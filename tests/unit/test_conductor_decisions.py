@@ -42,6 +42,24 @@ async def test_a_request_that_would_miss_its_ttft_slo_is_rejected_with_429_and_r
     assert error.envelope()["error"]["type"] == "rate_limit_error"
 
 
+async def test_retry_after_comes_from_the_bounded_ttft():
+    svc = service(ttft_slo_s=30.0, rejection="early")
+    # prefill-0's model measured up to 1000 tokens, its pair term steep: 1 ms per token + 10 us per pair.
+    ranged = CostModel(prefill_per_token_s=0.001, prefill_per_pair_s=1e-5, prefill_max_tokens=1000,
+                       decode_base_s=0.01, source="measured")
+    beat = Heartbeat(instance_id="prefill-0", kind="prefill", model="demo", max_running=8, cost_model=ranged,
+                     kv_segment="prefill-0", queued_prefill_s=0.0)
+    svc.view.observe(beat, time.monotonic())
+    long = GenerateRequest(request_id="r2", model="demo", prompt_token_ids=list(range(6000)),
+                           sampling=SamplingParams(max_tokens=16), arrival_time=0.0)
+    _, decision = svc.decide(long, time.monotonic())
+    # The quadratic says 6 + 180 s; refused on 6 x the 6 s edge = 36 s: Retry-After 6 s, not 156.
+    assert decision.rejected == "ttft_slo" and decision.predicted_ttft_s > 180
+    error = APIError.from_info(svc._refusal(long, decision))
+    assert error.status == 429 and int(error.headers["Retry-After"]) == 6
+    assert "36.0s" in svc._refusal(long, decision).message
+
+
 async def test_unknown_model_is_503_no_capacity():
     svc = service(rejection="none")
     reply = await svc._place(request(model="other"))

@@ -1,8 +1,15 @@
-"""The cost model: formulas, exact least-squares fits, non-negative coefficients, the roofline model."""
+"""The cost model: formulas, exact least-squares fits, non-negative coefficients, only the terms the samples
+determine, predictions bounded by the measured range, the roofline model."""
 
+import msgspec
 import pytest
 
-from tsukimi.common.cost_model import CostModel, fit_decode, fit_prefill, roofline
+from tsukimi.common.cost_model import (
+    CostModel, fit_decode, fit_error, fit_prefill, is_decode_determined, is_prefill_determined, roofline,
+)
+from tsukimi.common.messages import Heartbeat, decode, encode
+from tsukimi.decode.calibration import DecodeCosts
+from tsukimi.prefill.calibration import PrefillCosts
 
 
 def test_formulas():
@@ -38,3 +45,65 @@ def test_roofline_of_the_papers_setting():
     assert 0.01 < m.decode_step_s(32, 32 * 15_000) < 0.1  # a loaded step stays in tens of milliseconds
     with pytest.raises(KeyError):
         roofline("llama3-70b", "tpu", 8)
+
+
+def test_fewer_samples_than_terms_fit_only_the_terms_they_determine():
+    # One timing: the fixed cost alone, never everything on the per-context-token term (a one-point fit put
+    # 1,780 us/token there and predicted a 147 ms step at 2.78 s).
+    assert fit_decode([(1, 65, 0.116)]) == pytest.approx((0.116, 0.0, 0.0))
+    assert fit_prefill([(16, 0, 0.244)]) == pytest.approx((0.244, 0.0, 0.0))
+    # Two: two terms fit exactly (on a tie the first pair: fixed + per sequence), the third stays 0.
+    assert fit_decode([(1, 64, 0.02), (16, 1024, 0.05)]) == pytest.approx((0.018, 0.002, 0.0))
+    assert not is_decode_determined([(1, 64, 0.02), (16, 1024, 0.05)])
+    assert is_decode_determined([(1, 64, 0.02), (16, 1024, 0.05), (16, 8192, 0.2)])
+    # Batches of one never tell the fixed cost from the per-sequence one.
+    assert not is_decode_determined([(1, 64, 0.02), (1, 1024, 0.05), (1, 4096, 0.2)])
+    assert is_prefill_determined([(16, 0, 0.02), (256, 0, 0.2), (1024, 0, 1.0)])
+    assert not is_prefill_determined([(16, 0, 0.02), (16, 0, 0.03), (1024, 0, 1.0)])
+
+
+def test_fits_minimise_the_relative_error():
+    # Two noisy timings of the longest prompt: a plain least squares would follow them and predict the 16-token
+    # prompt at 0.26x (with a negative fixed cost); relative to each timing, the short ones stay within 6%.
+    samples = [(16, 0, 0.010), (64, 0, 0.020), (512, 0, 0.40), (1024, 0, 1.3), (1024, 0, 0.9)]
+    p0, p1, p2 = fit_prefill(samples)
+    model = CostModel(prefill_base_s=p0, prefill_per_token_s=p1, prefill_per_pair_s=p2)
+    assert [round(model.prefill_s(n) / t, 2) for n, _, t in samples] == [0.98, 1.05, 0.80, 0.84, 1.21]
+    worst, mean = fit_error(samples, model.prefill_s)
+    assert worst == pytest.approx(0.2133, abs=1e-4) and mean == pytest.approx(0.1299, abs=1e-4)
+    assert fit_error([(1, 0, 1.0), (2, 0, 4.0)], lambda n, r: 2.0 * n) == (1.0, 0.5)
+
+
+def test_a_prediction_past_the_measured_range_is_bounded_by_a_linear_extrapolation():
+    m = CostModel(prefill_base_s=0.01, prefill_per_token_s=0.001, prefill_per_pair_s=1e-5, prefill_max_tokens=1000)
+    # Within the range: the model itself (0.01 + 1 + 1e-5 * 1000 * 500).
+    assert m.bounded_prefill_s(1000) == m.prefill_s(1000) == pytest.approx(6.01)
+    # 4x the range: 4 x the edge's 6.01 s, not the quadratic's 84.01 s.
+    assert m.prefill_s(4000) == pytest.approx(84.01)
+    assert m.bounded_prefill_s(4000) == pytest.approx(24.04)
+    # After a reused prefix: the same prompt shrunk to the range (250 new after 750), times 4.
+    assert m.bounded_prefill_s(1000, 3000) == pytest.approx(4 * m.prefill_s(250, 750)) == pytest.approx(9.79)
+    # Never above the model (the fixed cost does not scale), nor bounded without a measured range.
+    flat = CostModel(prefill_base_s=1.0, prefill_max_tokens=100)
+    assert flat.bounded_prefill_s(200) == 1.0
+    unranged = msgspec.structs.replace(m, prefill_max_tokens=0)
+    assert unranged.bounded_prefill_s(4000) == unranged.prefill_s(4000)
+    assert m.scaled(2.0).prefill_max_tokens == 1000
+
+
+def test_the_fitted_range_is_what_was_measured_and_old_heartbeats_still_decode():
+    prefill = PrefillCosts([(16, 0, 0.02), (256, 0, 0.2), (64, 960, 0.1)], 8192, refit_every=1)
+    assert prefill.model.prefill_max_tokens == 1024
+    prefill.observe(1500, 500, 2.0)
+    assert prefill.model.prefill_max_tokens == 2000
+    decode_costs = DecodeCosts([(1, 64, 0.01), (16, 1024, 0.03), (16, 8192, 0.1)], 8192)
+    assert (decode_costs.model.decode_max_batch_size, decode_costs.model.decode_max_context_tokens) == (16, 8192)
+    assert decode_costs.error[0] == pytest.approx(0.0, abs=1e-9)
+    # A heartbeat of a version without the range decodes with none (no bound).
+    beat = Heartbeat(instance_id="p", kind="prefill", model="m", cost_model=prefill.model)
+    raw = msgspec.msgpack.decode(encode(beat))
+    for field in ("prefill_max_tokens", "decode_max_batch_size", "decode_max_context_tokens"):
+        del raw["cost_model"][field]
+    old = decode(msgspec.msgpack.encode(raw), Heartbeat).cost_model
+    assert old.prefill_max_tokens == 0 and old.bounded_prefill_s(4000) == old.prefill_s(4000)
+    assert decode(encode(beat), Heartbeat).cost_model == prefill.model

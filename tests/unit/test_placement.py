@@ -108,6 +108,27 @@ def test_early_rejection_on_ttft_and_prediction_based_rejection_on_future_decode
     assert d.rejected == "tbt_slo" and d.predicted_tbt_s == pytest.approx(0.014)
 
 
+def test_a_prompt_past_the_measured_range_is_refused_only_on_a_linear_extrapolation():
+    # Measured up to 1000 tokens: 1 ms per token + 10 us per pair (6 s at 1000 tokens).
+    cost = CostModel(prefill_per_token_s=0.001, prefill_per_pair_s=1e-5, prefill_max_tokens=1000,
+                     decode_base_s=0.010, kv_bytes_per_token=1000)
+    prefills = [PrefillInstance("p0", cost)]
+    decodes = [DecodeInstance("d0", cost, max_batch_size=4, num_kv_tokens=100_000)]
+    slo = Placer(PlacementConfig(block_tokens=BLOCK, transfer_bytes_per_s=1e9, ttft_slo_s=30, rejection="early"))
+    # 3000 tokens: the quadratic says 48 s; 3 x the edge's 6 s is 18 s: accepted, booked on the model's own 48 s.
+    d = slo.place(Request("long", 3000, 10), 0.0, prefills, decodes, {})
+    assert not d.is_rejected
+    assert (d.predicted_ttft_s, d.judged_ttft_s, d.predicted_prefill_s) == (pytest.approx(48.0), pytest.approx(18.0),
+                                                                            pytest.approx(48.0))
+    # 6000 tokens: even the extrapolation (36 s) misses the SLO.
+    d = slo.place(Request("longer", 6000, 10), 0.0, prefills, decodes, {})
+    assert d.rejected == "ttft_slo" and d.judged_ttft_s == pytest.approx(36.0)
+    # Within the range nothing changes: 1000 tokens behind a 25 s queue miss it by 1 s.
+    prefills[0].busy_until = 25.0
+    d = slo.place(Request("queued", 1000, 10), 0.0, prefills, decodes, {})
+    assert d.rejected == "ttft_slo" and d.judged_ttft_s == d.predicted_ttft_s == pytest.approx(31.0)
+
+
 def test_no_instances_is_no_capacity_and_bad_config_is_refused():
     assert placer().place(REQ, 0.0, [], [], {}).rejected == "no_capacity"
     with pytest.raises(ValueError):
