@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     # Most prompts waiting in one prefill worker's queue before it refuses more.
     max_prefill_queue: int = Field(256, ge=1)
-    # Bytes of the decode worker's KV blocks (shared memory; prefill writes each request's KV into its blocks).
-    kv_arena_bytes: int = Field(256 << 20, ge=1 << 20)
+    # Bytes of the decode worker's KV blocks (shared memory; prefill writes each request's KV into its blocks);
+    # 0 or unset: sized from the model, `kv_arena_min_tokens` of its KV capped by `kv_arena_fraction`.
+    kv_arena_bytes: int | None = Field(None, ge=0)
+    # Decode worker, automatic arena: tokens of KV it holds (16 requests of 2,048 tokens).
+    kv_arena_min_tokens: int = Field(16 * 2048, ge=1)
+    # Decode worker, automatic arena: most share of the memory available at start (MemAvailable) it takes.
+    kv_arena_fraction: float = Field(0.3, gt=0, le=1)
     # Tokens per KV cache block: the unit of prefix reuse (cluster-wide).
     cache_block_tokens: int = Field(64, ge=1)
     # Bytes of DRAM a cachestore instance contributes to the pool.
@@ -143,6 +148,13 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"unknown log level {value!r}")
         return value
+
+    @field_validator("kv_arena_bytes")
+    @classmethod
+    def _arena_size(cls, value: int | None) -> int | None:
+        if value and value < 1 << 20:
+            raise ValueError(f"kv_arena_bytes must be 0 (automatic) or at least 1 MiB, got {value}")
+        return value or None
 
     @field_validator("model")
     @classmethod
