@@ -45,6 +45,8 @@ STEP_SECONDS = Histogram(
     "tsukimi_decode_step_seconds", "Duration of one batch step",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
+# Seconds at least between two heartbeats sent early, when sequences leave (their room is news to conductors).
+EARLY_BEAT_MIN_S = 0.1
 STORED_BLOCKS = Counter("tsukimi_decode_stored_blocks_total", "KV blocks of finished sequences written to the pool")
 FREED = Counter("tsukimi_decode_freed_requests_total", "Requests whose KV was freed, by reason", ["reason"])
 ARENA_BYTES = Gauge("tsukimi_decode_kv_arena_bytes", "Bytes of the KV arena (all its blocks)")
@@ -80,6 +82,7 @@ class DecodeService:
         self._cancelled: set[str] = set()
         self._wake = asyncio.Event()
         self._num_preempted = 0
+        self._last_early_beat = 0.0
         self.nc = None
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
@@ -260,6 +263,10 @@ class DecodeService:
             if rid in cancelled:
                 FREED.labels("cancelled").inc()
                 log.info("freed %s: cancelled", rid, extra={"request_id": rid})
+        if left and time.monotonic() - self._last_early_beat >= EARLY_BEAT_MIN_S:
+            # NOTE: conductors may hold requests waiting for this room; they hear of it now, not a heartbeat later.
+            self._last_early_beat = time.monotonic()
+            await self.nc.publish(subjects.heartbeat("decode", self.instance_id), encode(self.heartbeat(False)))
 
     def _export(self) -> None:
         RUNNING.set(self.engine.num_running)

@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     max_decode_wait_requests: int = Field(128, ge=0)
     # Conductor: seconds a request waits for decode KV room before a 429 (cut so that the answer comes before the
     # gateway's `submit_timeout_s`, one `dispatch_timeout_s` and half a second earlier).
-    decode_wait_s: float = Field(5.0, ge=0)
+    decode_wait_s: float = Field(6.0, ge=0)
     # Most requests the gateway keeps in flight before answering 429.
     max_inflight_requests: int = Field(1024, ge=1)
     # Log level of every service.
