@@ -48,10 +48,14 @@ class DecodeWaitQueue(Generic[T]):
     def __contains__(self, key: str) -> bool:
         return key in self._waiters
 
+    def can_wait(self) -> bool:
+        """True when one more request may wait."""
+        return self.wait_s > 0 and len(self._waiters) < self.max_requests
+
     def push(self, key: str, item: T, now: float) -> bool:
         """Queues `item` under `key` until `now + wait_s`; False (nothing queued) when full, when waiting is off
         or when `key` already waits."""
-        if self.wait_s <= 0 or len(self._waiters) >= self.max_requests or key in self._waiters:
+        if not self.can_wait() or key in self._waiters:
             return False
         self._waiters[key] = Waiter(item, now, now + self.wait_s)
         return True
