@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import msgspec
@@ -66,6 +66,8 @@ class _Submission:
     request: GenerateRequest
     received: float
     started: float
+    # What placement was asked for it (kept while it waits: its block keys are worked out once).
+    wanted: Request | None = None
 
 
 class ConductorService:
@@ -162,6 +164,7 @@ class ConductorService:
         if sub is None:
             sub = _Submission(None, request, time.monotonic(), time.perf_counter())
         wanted, decision = self.decide(request, sub.received)
+        sub.wanted = wanted
         if decision.rejected == "decode_full" and sub.msg is not None and self._wait(sub):
             return None
         return await self._settle(sub, wanted, decision)
@@ -182,14 +185,16 @@ class ConductorService:
         except Exception as exc:  # NOTE: the journal is an audit trail; a failed write must not fail requests.
             log.warning("journal write failed for %s: %s", request.request_id, exc)
 
-    def decide(self, request: GenerateRequest, now: float, waited_s: float = 0.0) -> tuple[Request, Decision]:
-        """The placement decision for a request that has waited `waited_s` for decode room (pure given the
-        current view)."""
-        prefills, decodes = self.view.serving(request.model)
+    def decide(self, request: GenerateRequest, now: float) -> tuple[Request, Decision]:
+        """The placement decision for a request (pure given the current view)."""
         keys = block_keys(request.prompt_token_ids, self.settings.cache_block_tokens, request.model)
-        wanted = Request(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens, tuple(keys),
-                         waited_s=waited_s)
-        return wanted, self.placer.place(wanted, now, prefills, decodes, self.view.holdings(keys, prefills))
+        wanted = Request(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens, tuple(keys))
+        return wanted, self._decide(request.model, wanted, now)
+
+    def _decide(self, model: str, wanted: Request, now: float) -> Decision:
+        prefills, decodes = self.view.serving(model)
+        holdings = self.view.holdings(list(wanted.block_keys), prefills)
+        return self.placer.place(wanted, now, prefills, decodes, holdings)
 
     async def _settle(self, sub: _Submission, wanted: Request, decision: Decision) -> SubmitReply:
         """The refusal of a rejected decision, or the reply of its dispatch."""
@@ -280,7 +285,8 @@ class ConductorService:
                 await self._end_wait(key, waiter, "timed_out", SubmitReply(is_accepted=False, error=error))
             for key, waiter in self.waiting.waiting():
                 now = time.monotonic()
-                wanted, decision = self.decide(waiter.item.request, now, waited_s=now - waiter.since)
+                wanted = replace(waiter.item.wanted, waited_s=now - waiter.since)
+                decision = self._decide(waiter.item.request.model, wanted, now)
                 if decision.rejected == "decode_full" or self.waiting.remove(key) is None:
                     continue
                 token = request_id_var.set(key)
