@@ -5,6 +5,12 @@ A prefill instance is a queue of predicted work (`busy_until`). A decode instanc
 request placed on it, each holding its context from the moment its prefill should finish until its last token
 should be out; the load at any moment (batch size, context tokens) follows from them, which is what
 prediction-based early rejection needs: the load when the request would arrive, not now.
+
+KV room is judged now, not at arrival: prefill reserves a request's blocks on decode before it computes, and
+every request placed holds (or will hold) its whole KV until it is over. A request fits when its whole KV (prompt +
+`max_tokens`, in whole blocks: what decode grows it to at most, so it never needs preempting) fits in the
+instance's arena beside every request booked there, and in the free KV it last reported less what is booked for
+requests not there yet.
 """
 
 from __future__ import annotations
@@ -57,18 +63,26 @@ class DecodeInstance:
     """One decode instance. Its entries are indexed as a timeline of starts and finishes with running sums, so
     the load at any moment costs a binary search (the placement asks it of every instance per request)."""
 
-    def __init__(self, instance_id: str, cost: CostModel, max_batch_size: int, num_kv_tokens: int):
+    def __init__(self, instance_id: str, cost: CostModel, max_batch_size: int, num_kv_tokens: int,
+                 block_tokens: int = 1):
         self.instance_id = instance_id
         self.cost = cost
         # Most sequences in its batch.
         self.max_batch_size = max_batch_size
-        # KV capacity in tokens.
+        # KV capacity in tokens (its whole arena).
         self.num_kv_tokens = num_kv_tokens
+        # Tokens per KV block: a request holds whole blocks.
+        self.block_tokens = block_tokens
+        # KV tokens free in its last report (None: not reported, only `num_kv_tokens` bounds).
+        self.num_free_kv_tokens: int | None = None
         self._entries: dict[str, DecodeEntry] = {}
         # Timeline (rebuilt after a change): event times, and batch / context sums after each event.
         self._times: list[float] | None = None
         self._batch: list[int] = []
         self._context: list[int] = []
+        # KV tokens (whole blocks) booked for every entry, and for those not reported held yet.
+        self._num_booked = 0
+        self._num_unseen = 0
 
     @property
     def entries(self) -> dict[str, DecodeEntry]:
@@ -88,6 +102,9 @@ class DecodeInstance:
         self._times = [t for t, _, _ in events]
         self._batch = list(itertools.accumulate(d for _, d, _ in events))
         self._context = list(itertools.accumulate(c for _, _, c in events))
+        self._num_booked = sum(self.kv_tokens_of(e.num_context_tokens) for e in self._entries.values())
+        self._num_unseen = sum(self.kv_tokens_of(e.num_context_tokens) for e in self._entries.values()
+                               if not e.is_seen)
 
     def tbt_with(self, t: float, num_context_tokens: int) -> float:
         """Predicted step time at `t` with one more sequence of `num_context_tokens`."""
@@ -95,9 +112,33 @@ class DecodeInstance:
         return self.cost.decode_step_s(batch + 1, context + num_context_tokens)
 
     def can_fit(self, t: float, num_context_tokens: int) -> bool:
-        """True when the batch and the KV memory have room for one more sequence at `t`."""
-        batch, context = self.load_at(t)
-        return batch < self.max_batch_size and context + num_context_tokens <= self.num_kv_tokens
+        """True when the batch has room for one more sequence at `t` and the KV memory has room for its whole KV
+        now (`has_kv_room`)."""
+        batch, _ = self.load_at(t)
+        return batch < self.max_batch_size and self.has_kv_room(num_context_tokens)
+
+    def kv_tokens_of(self, num_tokens: int) -> int:
+        """KV tokens `num_tokens` take there: whole blocks."""
+        return -(-num_tokens // self.block_tokens) * self.block_tokens
+
+    def num_booked_kv_tokens(self) -> tuple[int, int]:
+        """(KV tokens booked for every request placed here and not over, for those it does not hold yet)."""
+        if self._times is None:
+            self._index()
+        return self._num_booked, self._num_unseen
+
+    def has_kv_room(self, num_context_tokens: int) -> bool:
+        """True when a request of `num_context_tokens` (prompt + output) fits beside what is booked here, and
+        within the free KV last reported less what is booked for requests it does not hold yet."""
+        need = self.kv_tokens_of(num_context_tokens)
+        booked, unseen = self.num_booked_kv_tokens()
+        if booked + need > self.num_kv_tokens:
+            return False
+        return self.num_free_kv_tokens is None or unseen + need <= self.num_free_kv_tokens
+
+    def can_ever_fit(self, num_context_tokens: int) -> bool:
+        """False when a request of `num_context_tokens` needs more KV than the whole arena."""
+        return self.kv_tokens_of(num_context_tokens) <= self.num_kv_tokens
 
     def add(self, request_id: str, entry: DecodeEntry) -> None:
         self._entries[request_id] = entry
@@ -151,10 +192,12 @@ class ClusterView:
     """The conductor's instances, kept from heartbeats (and its own placements through `Placer.commit`), and
     where cached blocks are: `pool` is the cache pool's index mirrored from its events, keyed by cachestore."""
 
-    def __init__(self, pool, stale_s: float = 3.0) -> None:
+    def __init__(self, pool, stale_s: float = 3.0, block_tokens: int = 1) -> None:
         self.pool = pool
         # Seconds past its predicted start after which a request decode never reported is forgotten.
         self.stale_s = stale_s
+        # Tokens per decode KV block.
+        self.block_tokens = block_tokens
         self.prefills: dict[str, PrefillInstance] = {}
         self.decodes: dict[str, DecodeInstance] = {}
         # Instance id -> (kind, model, host) of every worker and cachestore heard from.
@@ -175,12 +218,20 @@ class ClusterView:
             p.num_queued = beat.num_waiting + beat.num_running
         elif beat.kind == "decode":
             d = self.decodes.get(beat.instance_id)
-            # KV capacity in tokens: what is free plus what its batch holds (unknown bytes per token: unbounded).
-            kv_tokens = (beat.num_free_kv_bytes // cost.kv_bytes_per_token + beat.num_context_tokens
-                         if cost.kv_bytes_per_token else 1 << 40)
+            # KV capacity in tokens: its whole arena, or (not reported) what is free plus what its batch holds;
+            # unknown bytes per token: unbounded.
+            per_token = cost.kv_bytes_per_token
+            if not per_token:
+                kv_tokens, free_tokens = 1 << 40, None
+            else:
+                free_tokens = beat.num_free_kv_bytes // per_token
+                kv_tokens = (beat.num_kv_bytes // per_token if beat.num_kv_bytes
+                             else free_tokens + beat.num_context_tokens)
             if d is None:
-                d = self.decodes[beat.instance_id] = DecodeInstance(beat.instance_id, cost, beat.max_running, kv_tokens)
+                d = DecodeInstance(beat.instance_id, cost, beat.max_running, kv_tokens, self.block_tokens)
+                self.decodes[beat.instance_id] = d
             d.cost, d.max_batch_size, d.num_kv_tokens = cost, beat.max_running, kv_tokens
+            d.num_free_kv_tokens = free_tokens
             if beat.progress is not None:
                 step_s = cost.decode_step_s(max(1, beat.num_running), beat.num_context_tokens)
                 d.sync(now, beat.progress, step_s, self.stale_s)

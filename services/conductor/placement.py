@@ -71,6 +71,8 @@ class Request:
     num_output_tokens: int
     # Leading block keys of the prompt (full blocks).
     block_keys: tuple = ()
+    # Seconds it already waited for decode room (in the conductor's queue): they count toward its TTFT.
+    waited_s: float = 0.0
 
 
 @dataclass
@@ -92,8 +94,8 @@ class Decision:
     predicted_prefill_s: float = 0.0
     predicted_transfer_s: float = 0.0
     predicted_handover_s: float = 0.0
-    # Set when rejected: "ttft_slo", "tbt_slo", "decode_full" (no batch slot or KV room), "no_capacity" (no
-    # instances at all).
+    # Set when rejected: "ttft_slo", "tbt_slo", "decode_full" (no batch slot or KV room now: worth waiting for),
+    # "kv_too_large" (its whole KV exceeds every decode instance's arena), "no_capacity" (no instances at all).
     rejected: str = ""
     # Other prefill candidates, best first (for retries when the first does not answer).
     alternates: list[str] = field(default_factory=list)
@@ -117,6 +119,9 @@ class Placer:
         the request it holds (instances holding none may be missing)."""
         if not prefills or not decodes:
             return Decision(rejected="no_capacity")
+        context = request.num_prompt_tokens + request.num_output_tokens
+        if not any(d.can_ever_fit(context) for d in decodes):
+            return Decision(rejected="kv_too_large")
         cfg = self.config
         if cfg.policy == "colocated":
             pair = self._choose_pair(request, now, prefills, decodes, holdings)
@@ -134,13 +139,15 @@ class Placer:
         if cfg.is_kv_streamed:
             handover_s = max(0.0, handover_s - prefill_s)
         arrival = now + ttft + handover_s
-        context = request.num_prompt_tokens + request.num_output_tokens
         if cfg.policy != "colocated":
             decode = self._choose_decode(arrival, context, decodes, now)
         elif cfg.rejection != "none" and not decode.can_fit(arrival, context):
             decode = None
         if decode is None:
-            return Decision(rejected="decode_full", predicted_ttft_s=ttft, judged_ttft_s=judged_ttft)
+            # NOTE: a request that would miss its TTFT anyway is not worth waiting for room.
+            late = judged_ttft + request.waited_s > cfg.ttft_slo_s
+            return Decision(rejected="ttft_slo" if late else "decode_full", predicted_ttft_s=ttft,
+                            judged_ttft_s=judged_ttft)
         tbt = decode.tbt_with(arrival, context)
         decision = Decision(prefill_id=chosen.instance_id, decode_id=decode.instance_id,
                             num_reused_blocks=reused, fetch_from=source, predicted_ttft_s=ttft,
@@ -150,7 +157,7 @@ class Placer:
         if cfg.rejection != "none":
             # NOTE: `early` judges the decode load of now, `predicted` the load when the request gets there.
             judged_tbt = decode.tbt_with(now, context) if cfg.rejection == "early" else tbt
-            if judged_ttft > cfg.ttft_slo_s:
+            if judged_ttft + request.waited_s > cfg.ttft_slo_s:
                 decision.rejected = "ttft_slo"
             elif judged_tbt > cfg.tbt_slo_s:
                 decision.rejected = "tbt_slo"

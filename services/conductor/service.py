@@ -1,6 +1,7 @@
 """Conductor process: keeps a view of the cluster (instances from heartbeats, cached blocks from the pool's
 events), places each request with the KV-cache-aware policy (`placement.py`), rejects early what would miss its
-SLO, and hands the rest to a prefill worker.
+SLO, and hands the rest to a prefill worker. A request that finds no decode instance with room for its KV waits
+(`decode_wait.py`), re-tried on each decode heartbeat, until it is placed or its wait ends in a 429.
 
 Several conductors may run: they share the submit subject in a NATS queue group, so each request is placed once.
 """
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 
 import grpc
 import msgspec
@@ -21,14 +23,16 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.block_keys import block_keys
 from tsukimi.common.messages import (
-    ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask, SubmitReply,
-    TaskAck, decode, encode,
+    CancelRequest, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
+    SubmitReply, TaskAck, decode, encode,
 )
 from tsukimi.common.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.cluster import ClusterView
+from tsukimi.conductor import refusals
+from tsukimi.conductor.decode_wait import MARGIN_S, DecodeWaitQueue, Waiter, wait_budget_s
 from tsukimi.conductor.hot_blocks import HotBlocks
 from tsukimi.conductor.journal import RequestJournal
 from tsukimi.conductor.placement import Decision, PlacementConfig, Placer, Request
@@ -45,8 +49,25 @@ PREDICTED_TTFT = Histogram("tsukimi_conductor_predicted_ttft_seconds", "TTFT pre
                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 DECISION_SECONDS = Histogram("tsukimi_conductor_decision_seconds", "Time to place and dispatch a request",
                              buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+WAITING = Gauge("tsukimi_conductor_decode_waiting_requests", "Requests waiting for KV room on a decode instance")
+WAITS = Counter("tsukimi_conductor_decode_waits_total", "Requests that found no decode room, by how their wait ended",
+                ["outcome"])
+WAIT_SECONDS = Histogram("tsukimi_conductor_decode_wait_seconds", "Time requests waited for decode KV room",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
 
 MAX_PREFILL_ATTEMPTS = 3
+
+
+@dataclass
+class _Submission:
+    """A request being placed: the message to answer, and when it came (`time.monotonic`, `time.perf_counter`)."""
+
+    msg: object
+    request: GenerateRequest
+    received: float
+    started: float
+    # What placement was asked for it (kept while it waits: its block keys are worked out once).
+    wanted: Request | None = None
 
 
 class ConductorService:
@@ -57,7 +78,7 @@ class ConductorService:
         self.instance_id = settings.instance_name("conductor")
         self.registry = InstanceRegistry(settings.instance_ttl_s)
         self.pool_view = PoolView()
-        self.view = ClusterView(self.pool_view)
+        self.view = ClusterView(self.pool_view, block_tokens=settings.cache_block_tokens)
         self.placer = Placer(PlacementConfig(
             policy=settings.placement_policy, rejection=settings.rejection, block_tokens=settings.cache_block_tokens,
             balance_threshold_blocks=settings.balance_threshold_blocks,
@@ -72,6 +93,14 @@ class ConductorService:
         self.journal = journal
         # NOTE: one writer thread keeps journal writes ordered and off the event loop.
         self._journal_writer = ThreadPoolExecutor(1, thread_name_prefix="journal")
+        wait_s = wait_budget_s(settings.decode_wait_s, settings.submit_timeout_s, settings.dispatch_timeout_s)
+        if wait_s < settings.decode_wait_s:
+            log.warning("decode_wait_s %gs cut to %gs: the wait and one dispatch (%gs) must end before the gateway's "
+                        "submit_timeout_s (%gs)", settings.decode_wait_s, wait_s, settings.dispatch_timeout_s,
+                        settings.submit_timeout_s)
+        # Requests waiting for decode room, and the signal that a decode heartbeat came while some wait.
+        self.waiting: DecodeWaitQueue[_Submission] = DecodeWaitQueue(settings.max_decode_wait_requests, wait_s)
+        self._room = asyncio.Event()
         self.nc = None
 
     async def _on_heartbeat(self, msg) -> None:
@@ -89,6 +118,8 @@ class ConductorService:
         if self.registry.observe(beat, time.monotonic()):
             log.info("%s %s joined (model %s)", beat.kind, beat.instance_id, beat.model)
         self.view.observe(beat, time.monotonic())
+        if beat.kind == "decode" and len(self.waiting):
+            self._room.set()
         if beat.kind == "cachestore" and beat.is_pool_master:
             self._master_address = beat.grpc_address
 
@@ -120,15 +151,31 @@ class ConductorService:
             return
         token = request_id_var.set(request.request_id)
         try:
-            reply = await self._place(request)
-            await msg.respond(encode(reply))
+            sub = _Submission(msg, request, time.monotonic(), started)
+            reply = await self._place(request, sub)
+            if reply is not None:
+                await self._answer(sub, reply)
         finally:
             request_id_var.reset(token)
-        DECISION_SECONDS.observe(time.perf_counter() - started)
+
+    async def _place(self, request: GenerateRequest, sub: _Submission | None = None) -> SubmitReply | None:
+        """The reply to `request`: placed and dispatched, or refused; None when it waits for decode room (`sub`,
+        the message to answer later, given)."""
+        if sub is None:
+            sub = _Submission(None, request, time.monotonic(), time.perf_counter())
+        wanted, decision = self.decide(request, sub.received)
+        sub.wanted = wanted
+        if decision.rejected == "decode_full" and sub.msg is not None and self._wait(sub):
+            return None
+        return await self._settle(sub, wanted, decision)
+
+    async def _answer(self, sub: _Submission, reply: SubmitReply) -> None:
+        await sub.msg.respond(encode(reply))
+        DECISION_SECONDS.observe(time.perf_counter() - sub.started)
         status = "placed" if reply.is_accepted else "refused"
         DECISIONS.labels(status if reply.is_accepted else (reply.error.code or "refused")).inc()
         asyncio.get_running_loop().run_in_executor(
-            self._journal_writer, self._record, request, status, reply)
+            self._journal_writer, self._record, sub.request, status, reply)
 
     def _record(self, request: GenerateRequest, status: str, reply: SubmitReply) -> None:
         try:
@@ -140,43 +187,48 @@ class ConductorService:
 
     def decide(self, request: GenerateRequest, now: float) -> tuple[Request, Decision]:
         """The placement decision for a request (pure given the current view)."""
-        prefills, decodes = self.view.serving(request.model)
         keys = block_keys(request.prompt_token_ids, self.settings.cache_block_tokens, request.model)
         wanted = Request(request.request_id, len(request.prompt_token_ids), request.sampling.max_tokens, tuple(keys))
-        return wanted, self.placer.place(wanted, now, prefills, decodes, self.view.holdings(keys, prefills))
+        return wanted, self._decide(request.model, wanted, now)
 
-    def _refusal(self, request: GenerateRequest, decision: Decision) -> ErrorInfo:
-        if decision.rejected == "no_capacity":
-            prefills, _ = self.view.serving(request.model)
-            missing = "decode" if prefills else "prefill"
-            return ErrorInfo(message=f"no {missing} instance is serving model {request.model!r}; retry later",
-                             type="service_unavailable", code="no_capacity", http_status=503)
-        why = {"ttft_slo": f"its time to first token would be {decision.judged_ttft_s:.1f}s, over the "
-                           f"{self.settings.ttft_slo_s:g}s objective",
-               "tbt_slo": f"its time between tokens would be {decision.predicted_tbt_s * 1000:.0f}ms, over the "
-                          f"{self.settings.tbt_slo_s * 1000:.0f}ms objective",
-               "decode_full": "no decode instance has room for it"}[decision.rejected]
-        return ErrorInfo(message=f"the server is overloaded: {why}; retry later", type="rate_limit_error",
-                         code="overloaded", http_status=429,
-                         retry_after_s=max(1.0, decision.judged_ttft_s - self.settings.ttft_slo_s))
+    def _decide(self, model: str, wanted: Request, now: float) -> Decision:
+        prefills, decodes = self.view.serving(model)
+        holdings = self.view.holdings(list(wanted.block_keys), prefills)
+        return self.placer.place(wanted, now, prefills, decodes, holdings)
 
-    async def _place(self, request: GenerateRequest) -> SubmitReply:
-        now = time.monotonic()
-        wanted, decision = self.decide(request, now)
+    async def _settle(self, sub: _Submission, wanted: Request, decision: Decision) -> SubmitReply:
+        """The refusal of a rejected decision, or the reply of its dispatch."""
         if decision.is_rejected:
             REJECTIONS.labels(decision.rejected).inc()
-            error = self._refusal(request, decision)
+            prefills, decodes = self.view.serving(sub.request.model)
+            error = refusals.refusal(sub.request, decision, self.settings.ttft_slo_s, self.settings.tbt_slo_s,
+                                     bool(prefills), decodes, len(self.waiting) if self.waiting.wait_s > 0 else None)
             log.warning("refused (%s): %s", decision.rejected, error.message)
             return SubmitReply(is_accepted=False, error=error)
+        return await self._dispatch(sub, wanted, decision)
+
+    async def _dispatch(self, sub: _Submission, wanted: Request, decision: Decision) -> SubmitReply:
+        """Hands the placed request to its prefill instance (then the alternates), before the gateway gives up."""
+        now = time.monotonic()
+        request = sub.request
         PREDICTED_TTFT.observe(decision.predicted_ttft_s)
         decode_id = decision.decode_id
         task = PrefillTask(request=request, decode_id=decode_id,
                            decode_segment=self.registry.get(decode_id).kv_segment)
-        last_error = None
+        # NOTE: booked before the dispatch, so that what is placed meanwhile (the waiters beside new submissions)
+        # sees the room taken; given back when no prefill instance takes it.
+        is_booked = decision.prefill_id in self.view.prefills and decode_id in self.view.decodes
+        if is_booked:
+            self.placer.commit(wanted, decision, now, self.view.prefills, self.view.decodes)
+        deadline = sub.received + self.settings.submit_timeout_s - MARGIN_S
+        last_error = ErrorInfo(message="no prefill instance took the request in time", type="service_unavailable",
+                               code="no_capacity", http_status=503)
         for prefill_id in [decision.prefill_id, *decision.alternates][:MAX_PREFILL_ATTEMPTS]:
+            timeout_s = min(self.settings.dispatch_timeout_s, deadline - time.monotonic())
+            if timeout_s <= 0:
+                break
             try:
-                reply = await self.nc.request(subjects.prefill_tasks(prefill_id), encode(task),
-                                              timeout=self.settings.dispatch_timeout_s)
+                reply = await self.nc.request(subjects.prefill_tasks(prefill_id), encode(task), timeout=timeout_s)
                 ack = decode(reply.data, TaskAck)
             except Exception as exc:
                 log.warning("prefill %s did not take the task (%r); dropping it from scheduling", prefill_id, exc)
@@ -186,18 +238,90 @@ class ConductorService:
                                        code="no_capacity", http_status=503)
                 continue
             if ack.is_accepted:
+                if is_booked and prefill_id != decision.prefill_id and prefill_id in self.view.prefills:
+                    self.view.prefills[prefill_id].enqueue(now, decision.predicted_transfer_s
+                                                           + decision.predicted_prefill_s)
                 decision.prefill_id = prefill_id
                 self.hot.observe(list(wanted.block_keys), now)
-                if prefill_id in self.view.prefills and decode_id in self.view.decodes:
-                    self.placer.commit(wanted, decision, now, self.view.prefills, self.view.decodes)
                 log.info("placed on prefill %s (reusing %d blocks), decode %s; predicted TTFT %.3fs, TBT %.1fms",
                          prefill_id, decision.num_reused_blocks, decode_id, decision.predicted_ttft_s,
                          decision.predicted_tbt_s * 1000)
                 return SubmitReply(is_accepted=True, prefill_id=prefill_id, decode_id=decode_id)
-            last_error = ack.error
+            last_error = ack.error or last_error
             if ack.error and 400 <= ack.error.http_status < 500:
                 break
+        if is_booked and decode_id in self.view.decodes:
+            self.view.decodes[decode_id].finish(request.request_id)
         return SubmitReply(is_accepted=False, error=last_error)
+
+    # ---- waiting for decode room -------------------------------------------------------------------------
+
+    def _wait(self, sub: _Submission) -> bool:
+        """Queues a request that found no decode room; False when the queue is full (or waiting is off)."""
+        if not self.waiting.push(sub.request.request_id, sub, sub.received):
+            if self.waiting.wait_s > 0:
+                WAITS.labels("full").inc()
+            return False
+        WAITING.set(len(self.waiting))
+        log.info("no decode instance has room for its KV: waiting up to %gs (%d waiting)", self.waiting.wait_s,
+                 len(self.waiting))
+        self._room.set()
+        return True
+
+    async def _serve_waiters(self, stop: asyncio.Event) -> None:
+        """Re-tries the waiting requests in arrival order after each decode heartbeat; answers 429 to those whose
+        wait is over; on shutdown, 503 to those left."""
+        while not stop.is_set():
+            deadline = self.waiting.next_deadline()
+            timeout_s = 0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic()))
+            try:
+                await asyncio.wait_for(self._room.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            self._room.clear()
+            for key, waiter in self.waiting.expire(time.monotonic()):
+                _, decodes = self.view.serving(waiter.item.request.model)
+                error = refusals.wait_over(self.waiting.wait_s, decodes, time.monotonic())
+                await self._end_wait(key, waiter, "timed_out", SubmitReply(is_accepted=False, error=error))
+            for key, waiter in self.waiting.waiting():
+                now = time.monotonic()
+                wanted = replace(waiter.item.wanted, waited_s=now - waiter.since)
+                decision = self._decide(waiter.item.request.model, wanted, now)
+                if decision.rejected == "decode_full" or self.waiting.remove(key) is None:
+                    continue
+                token = request_id_var.set(key)
+                try:
+                    reply = await self._settle(waiter.item, wanted, decision)
+                finally:
+                    request_id_var.reset(token)
+                await self._end_wait(key, waiter, "placed" if reply.is_accepted else "refused", reply)
+        for key, waiter in self.waiting.drain():
+            reply = SubmitReply(is_accepted=False, error=refusals.shutting_down())
+            await self._end_wait(key, waiter, "shutdown", reply)
+
+    async def _end_wait(self, key: str, waiter: Waiter[_Submission], outcome: str, reply: SubmitReply) -> None:
+        WAITS.labels(outcome).inc()
+        WAIT_SECONDS.observe(time.monotonic() - waiter.since)
+        WAITING.set(len(self.waiting))
+        token = request_id_var.set(key)
+        try:
+            if outcome != "placed":
+                log.warning("wait for decode room over (%s): %s", outcome, reply.error.message if reply.error else "")
+            await self._answer(waiter.item, reply)
+        except Exception as exc:  # NOTE: the gateway may be gone; the other waiters still get their answers.
+            log.warning("could not answer %s: %r", key, exc)
+        finally:
+            request_id_var.reset(token)
+
+    async def _on_cancel(self, msg) -> None:
+        try:
+            cancel = decode(msg.data, CancelRequest)
+        except msgspec.ValidationError:
+            return
+        waiter = self.waiting.remove(cancel.request_id)
+        if waiter is not None:
+            reply = SubmitReply(is_accepted=False, error=refusals.cancelled(cancel.reason))
+            await self._end_wait(cancel.request_id, waiter, "cancelled", reply)
 
     async def _balance_replicas(self) -> None:
         """Cache load balancing: asks the pool master to hold hot blocks in more cachestores' DRAM (and cold ones
@@ -233,10 +357,12 @@ class ConductorService:
         await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.CONDUCTOR_QUEUE, cb=self._on_submit)
         await self.nc.subscribe(subjects.POOL_EVENTS, cb=self._on_pool_events)
+        await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
         self._resync = asyncio.create_task(self._resynchronise())
         beats = asyncio.create_task(heartbeat_forever(
             self.nc, subjects.heartbeat("conductor", self.instance_id), self.heartbeat,
             self.settings.heartbeat_interval_s, stop))
+        waiters = asyncio.create_task(self._serve_waiters(stop))
         log.info("conductor %s ready", self.instance_id)
         while not stop.is_set():
             try:
@@ -251,6 +377,7 @@ class ConductorService:
             for kind in ("prefill", "decode"):
                 INSTANCES.labels(kind).set(len(self.registry.alive(kind, time.monotonic())))
         await beats
+        await waiters
         if self._master_channel is not None:
             await self._master_channel[1].close()
         await self.nc.drain()

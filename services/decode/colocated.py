@@ -198,6 +198,7 @@ def main(settings) -> None:
     """Runs one colocated worker (prefill + decode over one model and one device) until SIGINT/SIGTERM."""
     from tsukimi.common.runner import run_with_probe
     from tsukimi.decode import calibration as decode_calibration
+    from tsukimi.decode.arena_size import arena_for
     from tsukimi.decode.kv_blocks import KVBlocks
     from tsukimi.decode.service import DecodeService, bound_by_tbt
     from tsukimi.model.kv import block_layout
@@ -217,7 +218,8 @@ def main(settings) -> None:
     model = load_model(settings.model)
     max_len = max_model_len(settings.model)
     lock = ComputeLock()
-    kv = KVBlocks.shared(block_layout(model, settings.cache_block_tokens), settings.kv_arena_bytes)
+    block = block_layout(model, settings.cache_block_tokens)
+    kv = KVBlocks.shared(block, arena_for(settings, block).num_bytes)
     decode_engine = _locked_decode_engine(lock)(model, settings.max_batch_size, max_len, kv)
     chunk = settings.chunked_prefill_tokens
     prefill_engine = PrefillEngine(model, chunk, lock.chunk_turns(decode_engine.has_work) if chunk else lock.hold)

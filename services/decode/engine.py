@@ -91,7 +91,8 @@ class DecodeEngine:
         """Per request held: (output tokens still to generate, context tokens at its end). Safe to call from
         another thread while a step runs (the sequences are copied in one step under the GIL)."""
         sequences = list(self.running.values()) + list(self.waiting)
-        return {s.request_id: (max(0, s.sampling.max_tokens - s.num_output), s.num_kv_tokens + s.sampling.max_tokens)
+        left = {s.request_id: max(0, s.sampling.max_tokens - s.num_output) for s in sequences}
+        return {s.request_id: (left[s.request_id], min(self.max_model_len, s.num_kv_tokens + left[s.request_id]))
                 for s in sequences}
 
     def has_work(self) -> bool:

@@ -22,6 +22,7 @@ from tsukimi.common.messages import (
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
+from tsukimi.decode.arena_size import arena_for
 from tsukimi.decode.calibration import DecodeCosts, measure
 from tsukimi.decode.engine import DecodeEngine, Sequence
 from tsukimi.decode.kv_blocks import KVBlocks
@@ -45,8 +46,12 @@ STEP_SECONDS = Histogram(
     "tsukimi_decode_step_seconds", "Duration of one batch step",
     buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2),
 )
+# Seconds at least between two heartbeats sent early, when sequences leave (their room is news to conductors).
+EARLY_BEAT_MIN_S = 0.1
 STORED_BLOCKS = Counter("tsukimi_decode_stored_blocks_total", "KV blocks of finished sequences written to the pool")
 FREED = Counter("tsukimi_decode_freed_requests_total", "Requests whose KV was freed, by reason", ["reason"])
+ARENA_BYTES = Gauge("tsukimi_decode_kv_arena_bytes", "Bytes of the KV arena (all its blocks)")
+ARENA_BLOCKS = Gauge("tsukimi_decode_kv_arena_blocks", "KV blocks of the arena")
 
 
 class DecodeService:
@@ -78,6 +83,7 @@ class DecodeService:
         self._cancelled: set[str] = set()
         self._wake = asyncio.Event()
         self._num_preempted = 0
+        self._last_early_beat = 0.0
         self.nc = None
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
@@ -86,6 +92,7 @@ class DecodeService:
             kv_segment=self.transfer.segment_name if self.transfer else "", num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
             max_running=self.engine.max_batch_size,
             num_free_kv_bytes=self.engine.kv.num_free_blocks * self.engine.kv.block_bytes,
+            num_kv_bytes=self.engine.kv.num_blocks * self.engine.kv.block_bytes,
             predicted_tbt_s=self.engine.predicted_step_s(),
             max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
@@ -219,6 +226,8 @@ class DecodeService:
             self.settings.heartbeat_interval_s, stop,
         ))
         kv = self.engine.kv
+        ARENA_BYTES.set(kv.num_blocks * kv.block_bytes)
+        ARENA_BLOCKS.set(kv.num_blocks)
         log.info("decode %s ready: %d KV blocks of %d tokens (%d MiB) on %s, batch up to %d", self.instance_id,
                  kv.num_blocks, kv.block_tokens, kv.num_blocks * kv.block_bytes >> 20, self.transfer.address,
                  self.engine.max_batch_size)
@@ -266,6 +275,10 @@ class DecodeService:
             if rid in cancelled:
                 FREED.labels("cancelled").inc()
                 log.info("freed %s: cancelled", rid, extra={"request_id": rid})
+        if left and time.monotonic() - self._last_early_beat >= EARLY_BEAT_MIN_S:
+            # NOTE: conductors may hold requests waiting for this room; they hear of it now, not a heartbeat later.
+            self._last_early_beat = time.monotonic()
+            await self.nc.publish(subjects.heartbeat("decode", self.instance_id), encode(self.heartbeat(False)))
 
     def _export(self) -> None:
         RUNNING.set(self.engine.num_running)
@@ -278,9 +291,10 @@ class DecodeService:
 
 
 def build_engine(settings: Settings, model: torch.nn.Module) -> DecodeEngine:
-    """A decode engine for `model` with `kv_arena_bytes` of KV blocks of `cache_block_tokens` tokens in shared
-    memory (the service's transfer engine adopts them, so prefill writes KV straight into them)."""
-    kv = KVBlocks.shared(block_layout(model, settings.cache_block_tokens), settings.kv_arena_bytes)
+    """A decode engine for `model` with its KV arena (`arena_for`) of blocks of `cache_block_tokens` tokens in
+    shared memory (the service's transfer engine adopts them, so prefill writes KV straight into them)."""
+    block = block_layout(model, settings.cache_block_tokens)
+    kv = KVBlocks.shared(block, arena_for(settings, block).num_bytes)
     return DecodeEngine(model, settings.max_batch_size, max_model_len(settings.model), kv)
 
 

@@ -6,6 +6,7 @@ import time
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import GenerateRequest, Heartbeat, SamplingParams
 from tsukimi.common.settings import Settings
+from tsukimi.conductor import refusals
 from tsukimi.conductor.service import ConductorService
 from tsukimi.gateway.errors import APIError
 
@@ -55,9 +56,10 @@ async def test_retry_after_comes_from_the_bounded_ttft():
     _, decision = svc.decide(long, time.monotonic())
     # The quadratic says 6 + 180 s; refused on 6 x the 6 s edge = 36 s: Retry-After 6 s, not 156.
     assert decision.rejected == "ttft_slo" and decision.predicted_ttft_s > 180
-    error = APIError.from_info(svc._refusal(long, decision))
+    info = refusals.refusal(long, decision, 30.0, svc.settings.tbt_slo_s, True, [], None)
+    error = APIError.from_info(info)
     assert error.status == 429 and int(error.headers["Retry-After"]) == 6
-    assert "36.0s" in svc._refusal(long, decision).message
+    assert "36.0s" in info.message
 
 
 async def test_unknown_model_is_503_no_capacity():

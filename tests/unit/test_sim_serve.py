@@ -201,3 +201,17 @@ def test_cli_compare_systems_draws_one_figure(tmp_path, capsys):
                  "--json", "--plot-dir", str(tmp_path / "plots")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["runs"]) == 4 and (tmp_path / "plots" / "compare_systems_capacity_1p1d_rate1.png").stat().st_size > 0
+
+
+def test_a_request_with_no_decode_room_waits_for_it_with_decode_wait():
+    # Each needs 515 KV tokens (512 + 3); the decode node holds 1000: the second one finds no room.
+    trace = [row(0, 512, 3, [1]), row(0, 512, 3, [2])]
+    rejected = disagg(trace, rejection="predicted", kv_tokens_per_instance=1000)
+    assert rejected.summary["rejected_by_reason"] == {"decode_full": 1}
+    waited = disagg(trace, rejection="predicted", kv_tokens_per_instance=1000, decode_wait_s=1.0)
+    assert waited.summary["rejected"] == 0 and waited.summary["completed"] == 2
+    assert waited.summary["counters"]["decode_waits"] == 1
+    # Placed when the first one's last token is out (its prefill, then 2 steps), then its own prefill.
+    assert waited.requests[1].first_token_at == (0.125 + 0.5) + 2 * STEP + (0.125 + 0.5)
+    short = disagg(trace, rejection="predicted", kv_tokens_per_instance=1000, decode_wait_s=0.5)
+    assert short.summary["rejected_by_reason"] == {"decode_full": 1} and short.summary["completed"] == 1

@@ -231,6 +231,8 @@ class Heartbeat(Message):
     max_running: int = 1
     # KV bytes free for new requests (decode: free blocks times block size).
     num_free_kv_bytes: int = 0
+    # Decode: bytes of all its KV blocks, free or not (no request needing more can ever run there); 0: unknown.
+    num_kv_bytes: int = 0
     # Decode: predicted seconds of the next step of the running batch (its current TBT).
     predicted_tbt_s: float = 0.0
     # Longest prompt + output the model takes.

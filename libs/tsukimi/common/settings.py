@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(1.0, gt=0)
     # Seconds without a heartbeat after which an instance is dropped from scheduling.
     instance_ttl_s: float = Field(3.5, gt=0)
-    # Seconds the gateway waits for the conductor to place a request.
-    submit_timeout_s: float = Field(10.0, gt=0)
+    # Seconds the gateway waits for the conductor to place a request (a request may wait for decode room meanwhile).
+    submit_timeout_s: float = Field(30.0, gt=0)
     # Seconds the conductor waits for a worker to accept a task.
     dispatch_timeout_s: float = Field(3.0, gt=0)
     # Seconds of silence on a request's token stream after which the gateway fails it.
@@ -56,8 +56,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)
     # Most prompts waiting in one prefill worker's queue before it refuses more.
     max_prefill_queue: int = Field(256, ge=1)
-    # Bytes of the decode worker's KV blocks (shared memory; prefill writes each request's KV into its blocks).
-    kv_arena_bytes: int = Field(256 << 20, ge=1 << 20)
+    # Bytes of the decode worker's KV blocks (shared memory; prefill writes each request's KV into its blocks);
+    # 0 or unset: sized from the model, `kv_arena_min_tokens` of its KV capped by `kv_arena_fraction`.
+    kv_arena_bytes: int | None = Field(None, ge=0)
+    # Decode worker, automatic arena: tokens of KV it holds (16 requests of 2,048 tokens).
+    kv_arena_min_tokens: int = Field(16 * 2048, ge=1)
+    # Decode worker, automatic arena: most share of the memory available at start (MemAvailable) it takes.
+    kv_arena_fraction: float = Field(0.3, gt=0, le=1)
     # Tokens per KV cache block: the unit of prefix reuse (cluster-wide).
     cache_block_tokens: int = Field(64, ge=1)
     # Bytes of DRAM a cachestore instance contributes to the pool.
@@ -131,6 +136,11 @@ class Settings(BaseSettings):
     kv_reserve_wait_s: float = Field(10.0, ge=0)
     # Torch intra-op threads per model worker process.
     torch_threads: int = Field(1, ge=1)
+    # Conductor: most requests waiting at once for KV room on a decode instance (more are answered 429); 0: none.
+    max_decode_wait_requests: int = Field(128, ge=0)
+    # Conductor: seconds a request waits for decode KV room before a 429 (cut so that the answer comes before the
+    # gateway's `submit_timeout_s`, one `dispatch_timeout_s` and half a second earlier).
+    decode_wait_s: float = Field(20.0, ge=0)
     # Most requests the gateway keeps in flight before answering 429.
     max_inflight_requests: int = Field(1024, ge=1)
     # Bytes of the gateway's memory of its chat answers' token ids (UTF-8 text + 4 per id; least recently used out),
@@ -146,6 +156,13 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"unknown log level {value!r}")
         return value
+
+    @field_validator("kv_arena_bytes")
+    @classmethod
+    def _arena_size(cls, value: int | None) -> int | None:
+        if value and value < 1 << 20:
+            raise ValueError(f"kv_arena_bytes must be 0 (automatic) or at least 1 MiB, got {value}")
+        return value or None
 
     @field_validator("model")
     @classmethod

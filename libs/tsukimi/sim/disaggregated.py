@@ -2,7 +2,9 @@
 
 Arrival: every prefill node's cache is asked (a peek, `num_leading`) how many leading blocks of the request it holds;
 the conductor's own `Placer.place` decides on its predicted view (`PrefillInstance`/`DecodeInstance` objects this
-simulator keeps up to date); a rejection is recorded and dropped, otherwise `Placer.commit` books it.
+simulator keeps up to date); a rejection is recorded and dropped, otherwise `Placer.commit` books it. With
+`decode_wait_s`, a request that finds no decode room waits as in the conductor (its `DecodeWaitQueue`, at most
+`max_decode_wait` requests), re-tried in order whenever a decode request ends, "decode_full" once its wait is over.
 
 Prefill node: FIFO, one request at a time, for (fetch of the remote prefix) + `cost.prefill_s(new, reused)` with the
 decision's reused blocks, leased (pinned in their caches) from the decision to the prefill's start as the pool leases
@@ -29,6 +31,7 @@ from collections import deque
 from tsukimi.cachestore.lru_index import LruBlockIndex, TierFull
 from tsukimi.common.cost_model import CostModel
 from tsukimi.conductor.cluster import DecodeEntry, DecodeInstance, PrefillInstance
+from tsukimi.conductor.decode_wait import DecodeWaitQueue
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
 from tsukimi.sim.clock import Clock
 from tsukimi.sim.workload import SimRequest
@@ -71,7 +74,7 @@ class DisaggregatedSim:
     def __init__(self, cost: CostModel, num_prefill: int, num_decode: int, config: PlacementConfig,
                  cache_tokens: int, max_batch_size: int, kv_tokens: int, overlap_kv: bool = False,
                  view_refresh_s: float = 0.0, sample_every_s: float = 0.0, high_watermark: float = 0.9,
-                 evict_share: float = 0.05):
+                 evict_share: float = 0.05, decode_wait_s: float = 0.0, max_decode_wait: int = 128):
         if num_prefill <= 0 or num_decode <= 0:
             raise ValueError("need at least one prefill and one decode node")
         self.cost = cost
@@ -95,6 +98,9 @@ class DisaggregatedSim:
         self.view_refresh_s = view_refresh_s
         # Requests neither rejected nor done yet.
         self._unresolved = 0
+        # Requests waiting for decode room (the conductor's queue).
+        self.waiting: DecodeWaitQueue[SimRequest] = DecodeWaitQueue(max_decode_wait, decode_wait_s)
+        self.num_waited = 0
 
     def run(self, requests: list[SimRequest]) -> None:
         for r in requests:
@@ -108,23 +114,44 @@ class DisaggregatedSim:
         return {"reuse_lost_blocks": self.reuse_lost_blocks,
                 "evictions": sum(n.cache.num_evictions for n in self.prefill_nodes),
                 "decode_steps": sum(len(n.steps) for n in self.decode_nodes),
+                "decode_waits": self.num_waited,
                 "events": self.clock.num_events}
 
     # ---- events ------------------------------------------------------------------------------------------
 
     def _arrive(self, t: float, r: SimRequest) -> None:
+        if not self._place(t, r, 0.0) and self.waiting.push(r.request_id, r, t):
+            self.num_waited += 1
+            self.clock.at(t + self.waiting.wait_s, self._wait_over, r)
+
+    def _wait_over(self, t: float, r: SimRequest) -> None:
+        if self.waiting.remove(r.request_id) is not None:
+            self._reject(r, "decode_full")
+
+    def _retry_waiting(self, t: float) -> None:
+        for key, waiter in self.waiting.waiting():
+            if self._place(t, waiter.item, t - waiter.since, is_waiting=True):
+                self.waiting.remove(key)
+
+    def _reject(self, r: SimRequest, reason: str) -> None:
+        r.rejected = reason
+        self._unresolved -= 1
+
+    def _place(self, t: float, r: SimRequest, waited_s: float, is_waiting: bool = False) -> bool:
+        """Places `r` (True), rejects it (True, recorded) or leaves it to wait for decode room (False)."""
         keys = r.keys
         holdings = {}
         for node in self.prefill_nodes:
             n = node.cache.num_leading(keys)
             if n:
                 holdings[node.view.instance_id] = n
-        request = Request(r.request_id, r.num_prompt_tokens, r.num_output_tokens, keys)
+        request = Request(r.request_id, r.num_prompt_tokens, r.num_output_tokens, keys, waited_s=waited_s)
         decision = self.placer.place(request, t, self.prefill_views, self.decode_views, holdings)
+        if decision.rejected == "decode_full" and (is_waiting or self.waiting.can_wait()):
+            return False
         if decision.is_rejected:
-            r.rejected = decision.rejected
-            self._unresolved -= 1
-            return
+            self._reject(r, decision.rejected)
+            return True
         self.placer.commit(request, decision, t, self.prefill_view_by_id, self.decode_view_by_id)
         node = self.prefill_by_id[decision.prefill_id]
         # The blocks it will reuse are leased (pinned) until its prefill starts, as the pool leases a reader's.
@@ -144,6 +171,7 @@ class DisaggregatedSim:
         node.queued_predicted_s += predicted
         if not node.busy:
             self._start_prefill(t, node)
+        return True
 
     def _reusable(self, r: SimRequest, blocks: int) -> int:
         return min(blocks * self.block_tokens, r.num_prompt_tokens - 1) if blocks else 0
@@ -252,6 +280,8 @@ class DisaggregatedSim:
                 del node.running[r.request_id]
                 r.done_at = t
                 self._unresolved -= 1
+            if len(self.waiting):
+                self._retry_waiting(t)
         self._decode_step(t, node)
 
     def _refresh_views(self, t: float, _) -> None:

@@ -70,6 +70,8 @@ class ServeConfig:
     balance_threshold_blocks: int = 2
     overlap_kv: bool = False
     view_refresh_s: float = 0.0
+    # Disaggregated: seconds a request with no decode room waits for it (as in the conductor); 0: rejected at once.
+    decode_wait_s: float = 0.0
     limit: int = 0
     seed: int = 0
     sample_every_s: float = 2.0
@@ -141,7 +143,8 @@ def simulate(trace: list[dict], cfg: ServeConfig, cost: CostModel, keep_requests
                                     tbt_slo_s=cfg.tbt_slo_s, seed=cfg.seed, is_kv_streamed=cfg.overlap_kv)
         system = DisaggregatedSim(cost, cfg.prefill, cfg.decode, placement, int(cfg.cache_tokens_per_node),
                                   cfg.max_batch, int(cfg.kv_tokens_per_instance), overlap_kv=cfg.overlap_kv,
-                                  view_refresh_s=cfg.view_refresh_s, sample_every_s=cfg.sample_every_s)
+                                  view_refresh_s=cfg.view_refresh_s, sample_every_s=cfg.sample_every_s,
+                                  decode_wait_s=cfg.decode_wait_s)
     system.run(requests)
     ttft, tbt = per_request(requests)
     summary = summarize(requests, cfg.ttft_slo_s, cfg.tbt_slo_s)
@@ -151,7 +154,7 @@ def simulate(trace: list[dict], cfg: ServeConfig, cost: CostModel, keep_requests
     summary["config"] = {**asdict(cfg), "system": cfg.name(), "cost_model": cost.source}
     if cfg.colocated:
         for key in ("policy", "balance_threshold_blocks", "transfer_bytes_per_s", "overlap_kv",
-                    "cache_tokens_per_node", "view_refresh_s"):
+                    "cache_tokens_per_node", "view_refresh_s", "decode_wait_s"):
             summary["config"].pop(key)
         summary["config"]["policy"] = "least-requests"
     return RunResult(summary, ttft, tbt, system.clock.samples, time.perf_counter() - started,
@@ -275,6 +278,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--view-refresh", type=float, default=0.0, metavar="SECONDS",
                         help="disaggregated: every SECONDS, re-book the conductor's decode entries from the decode "
                              "nodes' real progress (a per-request heartbeat the conductor does not get today; 0: off)")
+    parser.add_argument("--decode-wait", type=float, default=0.0, metavar="SECONDS",
+                        help="disaggregated, with rejection: a request no decode node has room for waits up to "
+                             "SECONDS for it, as in the conductor (0: rejected at once)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N requests")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random policy")
     parser.add_argument("--sample-every", type=_positive_float, default=2.0, help="load sampling period, s")
@@ -300,7 +306,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         cache_tokens_per_node=args.cache_tokens_per_node, kv_tokens_per_instance=args.kv_tokens_per_instance,
         max_batch=args.max_batch, ttft_slo_s=args.ttft_slo, tbt_slo_s=args.tbt_slo, rate_scale=args.rate_scale,
         transfer_bytes_per_s=args.transfer_bytes_per_s, balance_threshold_blocks=args.balance_threshold,
-        overlap_kv=args.overlap_kv, view_refresh_s=args.view_refresh, limit=args.limit, seed=args.seed,
+        overlap_kv=args.overlap_kv, view_refresh_s=args.view_refresh, decode_wait_s=args.decode_wait,
+        limit=args.limit, seed=args.seed,
         sample_every_s=args.sample_every, label=args.label)
 
 
