@@ -87,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-tokens", type=int, default=1500, help="prompt tokens of the long single request")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 16], help="concurrent cases")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of `generate`")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every case, server and generate in turn")
     parser.add_argument("--json", action="store_true", help="print JSON lines")
 
 
@@ -98,28 +99,66 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     served = args.served_model or _served_model(args.url)
-    cases = [("single short", [_chat_ids(tokenizer, f"Write a short story about {TOPICS[0]}.")]),
-             ("single long", [_long_ids(tokenizer, args.long_tokens)])]
-    for n in args.concurrency:
-        cases.append((f"{n} concurrent", [_chat_ids(tokenizer, f"Write a short story about {TOPICS[i % len(TOPICS)]}"
-                                                    f"{'' if i < len(TOPICS) else f' (part {i // len(TOPICS) + 1})'}.")
-                                          for i in range(n)]))
-    for name, prompts in cases:
-        result = CaseResult(name, len(prompts), max(len(p) for p in prompts))
-        result.server, result.server_wall_s = asyncio.run(_serve_all(args.url, served, prompts, args.max_tokens))
-        started = time.perf_counter()
-        result.generate = [_generate_one(model, tokenizer, p, args.max_tokens) for p in prompts]
-        result.generate_wall_s = time.perf_counter() - started
-        if len(prompts) > 1:
-            result.batched_tokens, result.batched_wall_s = _generate_batched(model, tokenizer, prompts, args.max_tokens)
-        result.num_equal = sum(s.text == g.text and not s.error for s, g in zip(result.server, result.generate))
-        summary = result.summary()
-        print(json.dumps(summary) if args.json else _line(summary), flush=True)
+    rounds: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for name, prompts in _cases(tokenizer, args, round_index):
+            summary = _run_case(name, prompts, args, served, model, tokenizer).summary()
+            summary["round"] = round_index + 1
+            rounds.setdefault(name, []).append(summary)
+            print(json.dumps(summary) if args.json else _line(summary), flush=True)
+    if args.rounds > 1:
+        for name, summaries in rounds.items():
+            ratios = _ratios(summaries)
+            print(json.dumps({"case": name, "median_of_rounds": ratios}) if args.json else
+                  f"{name:>14}: median of {args.rounds} rounds: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
     return 0
 
 
+def _cases(tokenizer, args: argparse.Namespace, round_index: int) -> list[tuple[str, list[list[int]]]]:
+    """The cases' prompts; each round's are its own (a round tag leads every prompt), so no round reuses another's
+    cached prefix."""
+    tag = f"(Take {round_index + 1}.) "
+    cases = [("single short", [_chat_ids(tokenizer, f"{tag}Write a short story about {TOPICS[0]}.")]),
+             ("single long", [_long_ids(tokenizer, args.long_tokens, tag)])]
+    for n in args.concurrency:
+        cases.append((f"{n} concurrent", [_chat_ids(tokenizer, f"{tag}Write a short story about "
+                                                    f"{TOPICS[i % len(TOPICS)]}"
+                                                    f"{'' if i < len(TOPICS) else f' (part {i // len(TOPICS) + 1})'}.")
+                                          for i in range(n)]))
+    return cases
+
+
+def _run_case(name: str, prompts: list[list[int]], args: argparse.Namespace, served: str, model, tokenizer
+              ) -> CaseResult:
+    result = CaseResult(name, len(prompts), max(len(p) for p in prompts))
+    result.server, result.server_wall_s = asyncio.run(_serve_all(args.url, served, prompts, args.max_tokens))
+    started = time.perf_counter()
+    result.generate = [_generate_one(model, tokenizer, p, args.max_tokens) for p in prompts]
+    result.generate_wall_s = time.perf_counter() - started
+    if len(prompts) > 1:
+        result.batched_tokens, result.batched_wall_s = _generate_batched(model, tokenizer, prompts, args.max_tokens)
+    result.num_equal = sum(s.text == g.text and not s.error for s, g in zip(result.server, result.generate))
+    return result
+
+
+def _ratios(summaries: list[dict]) -> dict:
+    """Medians over rounds of the server's figures against `generate`'s (TTFT and TBT: server / generate, lower
+    is better; tokens/s: server / generate batched, or one by one for single requests, higher is better)."""
+    def median_of(key: str, against: str) -> float:
+        values = [s[key] / s[against] for s in summaries if s.get(against)]
+        return round(statistics.median(values), 3) if values else 0.0
+    against = "generate_batched_tokens_per_s" if "generate_batched_tokens_per_s" in summaries[0] \
+        else "generate_sequential_tokens_per_s"
+    return {"ttft_x": median_of("server_ttft_ms", "generate_ttft_ms"),
+            "tbt_x": median_of("server_tbt_ms", "generate_tbt_ms"),
+            "tokens_per_s_x": median_of("server_tokens_per_s", against),
+            "server_tokens_per_s": statistics.median(s["server_tokens_per_s"] for s in summaries),
+            "generate_tokens_per_s": statistics.median(s[against] for s in summaries),
+            "equal_outputs": " ".join(s["equal_outputs"] for s in summaries)}
+
+
 def _line(summary: dict) -> str:
-    parts = [f"{summary['case']:>14}: prompt {summary['prompt_tokens']} tok"]
+    parts = [f"{summary['case']:>14} (round {summary.get('round', 1)}): prompt {summary['prompt_tokens']} tok"]
     parts.append(f"TTFT {summary['server_ttft_ms']} ms (generate {summary['generate_ttft_ms']})")
     parts.append(f"TBT {summary['server_tbt_ms']} ms (generate {summary['generate_tbt_ms']})")
     parts.append(f"{summary['server_tokens_per_s']} tok/s (generate one by one "
@@ -143,11 +182,11 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def _long_ids(tokenizer, num_tokens: int) -> list[int]:
+def _long_ids(tokenizer, num_tokens: int, tag: str = "") -> list[int]:
     """A summarisation chat of at least `num_tokens` prompt tokens."""
     text, ids = LONG_TEXT, []
     while len(ids) < num_tokens:
-        ids = _chat_ids(tokenizer, "Summarize this document in three sentences:\n\n" + text)
+        ids = _chat_ids(tokenizer, f"{tag}Summarize this document in three sentences:\n\n" + text)
         text += LONG_TEXT
     return ids
 
