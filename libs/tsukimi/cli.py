@@ -16,7 +16,6 @@ def _run_service(name: str) -> int:
 
     from tsukimi.common.logs import setup_logging
     from tsukimi.common.settings import Settings
-
     from tsukimi.model.resolve import ModelUnavailable, resolve_settings
 
     try:
@@ -29,6 +28,9 @@ def _run_service(name: str) -> int:
     except ModelUnavailable as exc:
         print(f"tsukimi {name}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"tsukimi {name}: interrupted while preparing the model; nothing was installed", file=sys.stderr)
+        return 130
     setup_logging(name, settings.log_level)
     module = importlib.import_module(f"tsukimi.{name}.service")
     module.main(settings)
