@@ -11,7 +11,7 @@ TSUKIMI=${TSUKIMI:-.venv/bin/tsukimi}
 PORT=${PORT:-8098}
 OUT=$(mktemp -d)
 for layerwise in true false; do
-  TSUKIMI_KV_LAYERWISE=$layerwise TSUKIMI_IS_CACHE_ENABLED=false "$TSUKIMI" up --port "$PORT" \
+  TSUKIMI_KV_LAYERWISE=$layerwise TSUKIMI_IS_CACHE_ENABLED=false "$TSUKIMI" up --model demo --port "$PORT" \
     --database-url "sqlite:///$OUT/j-$layerwise.db" > "$OUT/up-$layerwise.log" 2>&1 &
   up=$!
   for _ in $(seq 180); do grep -q "up: ready" "$OUT/up-$layerwise.log" && break; sleep 1; done

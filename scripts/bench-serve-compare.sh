@@ -24,7 +24,7 @@ for system in $SYSTEMS; do
     colocated-chunked) flags=(--colocated --chunked-prefill 64) ;;
     *) echo "unknown system $system" >&2; exit 2 ;;
   esac
-  "$TSUKIMI" up --port "$PORT" --database-url "sqlite:///$OUT/$system-journal.db" "${flags[@]}" \
+  "$TSUKIMI" up --model "${MODEL:-demo}" --port "$PORT" --database-url "sqlite:///$OUT/$system-journal.db" "${flags[@]}" \
     > "$OUT/$system-up.log" 2>&1 &
   up=$!
   # NOTE: the API answers before the workers serve; `tsukimi up` says "ready" once they do.

@@ -7,6 +7,8 @@ import importlib
 import sys
 
 SERVICES = ("gateway", "conductor", "prefill", "decode", "cachestore")
+# Services that load the model (they have torch) and so may pull and convert one that is not in the cache yet.
+WORKERS = ("prefill", "decode")
 
 
 def _run_service(name: str) -> int:
@@ -14,12 +16,21 @@ def _run_service(name: str) -> int:
 
     from tsukimi.common.logs import setup_logging
     from tsukimi.common.settings import Settings
+    from tsukimi.model.resolve import ModelUnavailable, resolve_settings
 
     try:
         settings = Settings()
     except ValidationError as exc:
         print(f"tsukimi {name}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        settings = resolve_settings(settings, can_pull=name in WORKERS)
+    except ModelUnavailable as exc:
+        print(f"tsukimi {name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tsukimi {name}: interrupted while preparing the model; nothing was installed", file=sys.stderr)
+        return 130
     setup_logging(name, settings.log_level)
     module = importlib.import_module(f"tsukimi.{name}.service")
     module.main(settings)
@@ -37,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from tsukimi.launcher import add_up_arguments
 
     add_up_arguments(sub.add_parser("up", help="start the whole system: NATS, every service, the API"))
+    from tsukimi.model import cli as model_cli
+
+    model_cli.add_arguments(sub.add_parser("model", help="pull a known model or convert a GGUF; list the cache"))
     bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(dest="bench", required=True)
     from tsukimi.bench import transfer as transfer_bench
 
@@ -64,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_sim.add_arguments(sim.add_parser(
         "serve", help="replay a trace through the conductor's placement on modelled prefill/decode instances"))
     args = parser.parse_args(argv)
+    if args.command == "model":
+        return model_cli.run(args)
     if args.command == "sim":
         return serve_sim.run(args) if args.sim == "serve" else cache_sim.run(args)
     if args.command == "bench" and args.bench == "placement":

@@ -17,7 +17,10 @@ _PR_SET_PDEATHSIG = 1
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="demo", help="'demo' or a local Hugging Face checkpoint directory")
+    parser.add_argument("--model", default="smollm2",
+                        help="a known model (smollm2, the default: pulled into the model cache on first use), 'demo' "
+                             "(the built-in seeded model), a local Hugging Face checkpoint directory, or a .gguf file "
+                             "(or a directory holding one: converted once)")
     parser.add_argument("--host", default="127.0.0.1", help="address the API binds to")
     parser.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible API")
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill worker processes")
@@ -90,6 +93,9 @@ class Launcher:
         self.children: list[Child] = []
         self.nats = None
         self._stop_signal: int | None = None
+        # What the children load ("demo" or a checkpoint directory) and the name clients send as `model`.
+        self.model_dir = args.model
+        self.served_model_name = args.model
 
     def _env(self, nats_url: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -97,7 +103,8 @@ class Launcher:
         os.makedirs(cache, exist_ok=True)
         env.update({
             "TSUKIMI_NATS_URL": nats_url,
-            "TSUKIMI_MODEL": self.args.model,
+            "TSUKIMI_MODEL": self.model_dir,
+            "TSUKIMI_SERVED_MODEL_NAME": self.served_model_name,
             "TSUKIMI_HOST": self.args.host,
             "TSUKIMI_GATEWAY_PORT": str(self.args.port),
             "TSUKIMI_METRICS_PORT": "0",
@@ -149,8 +156,7 @@ class Launcher:
         if colocated and args.chunked_prefill is not None and args.chunked_prefill < 0:
             _say("--chunked-prefill needs 0 or more tokens")
             return 2
-        if args.model != "demo" and not os.path.isdir(args.model):
-            _say(f"--model must be 'demo' or a checkpoint directory; {args.model!r} is neither")
+        if not self._resolve_model():
             return 2
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -158,6 +164,22 @@ class Launcher:
             return self._run()
         finally:
             self.stop()
+
+    def _resolve_model(self) -> bool:
+        """Pulls and converts the model before any service starts; False (said why) when it cannot be served."""
+        from tsukimi.model.cli import default_cache_dir
+        from tsukimi.model.resolve import ModelUnavailable, resolve_model, served_name
+
+        try:
+            self.model_dir = resolve_model(self.args.model, default_cache_dir(), can_pull=True)
+        except ModelUnavailable as exc:
+            _say(str(exc))
+            return False
+        except KeyboardInterrupt:
+            _say("interrupted while preparing the model; nothing was started")
+            return False
+        self.served_model_name = os.environ.get("TSUKIMI_SERVED_MODEL_NAME") or served_name(self.args.model)
+        return True
 
     def _run(self) -> int:
         args = self.args
@@ -217,7 +239,8 @@ class Launcher:
                 _say(f"API not ready within {args.ready_timeout:.0f}s")
                 return 1
             time.sleep(0.2)
-        model = "demo (built-in seeded Llama)" if args.model == "demo" else args.model
+        model = ("demo (built-in seeded Llama)" if self.model_dir == "demo"
+                 else f"{self.served_model_name} ({self.model_dir})")
         _say(f"ready. API at {api}/v1 serving model {model} ({layout}). Ctrl-C stops everything.")
         while self._stop_signal is None:
             if (dead := self._dead_child()) is not None and not self._restart(dead):

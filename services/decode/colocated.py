@@ -256,10 +256,15 @@ def _cli() -> int:
     from tsukimi.common.logs import setup_logging
     from tsukimi.common.settings import Settings
 
+    from tsukimi.model.resolve import ModelUnavailable, resolve_settings
+
     try:
-        settings = Settings()
+        settings = resolve_settings(Settings(), can_pull=True)
     except ValidationError as exc:
         print(f"tsukimi colocated: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except ModelUnavailable as exc:
+        print(f"tsukimi colocated: {exc}", file=sys.stderr)
         return 2
     setup_logging("colocated", settings.log_level)
     main(settings)

@@ -107,7 +107,8 @@ def stop_up(deployment: Deployment, sig: int = signal.SIGINT, timeout_s: float =
 def demo_up(tmp_path_factory):
     """`tsukimi up` with the demo model on its own NATS server (so tests can watch the bus)."""
     with NatsServer() as nats_server:
-        deployment = start_up(tmp_path_factory, "--prefill", "1", "--decode", "1", nats_url=nats_server.url)
+        deployment = start_up(tmp_path_factory, "--model", "demo", "--prefill", "1", "--decode", "1",
+                              nats_url=nats_server.url)
         yield deployment
         code, orphans = stop_up(deployment)
         assert code == 0 and orphans == [], deployment.log()[-3000:]

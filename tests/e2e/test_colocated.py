@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def colocated_up(tmp_path_factory):
-    deployment = start_up(tmp_path_factory, "--colocated")
+    deployment = start_up(tmp_path_factory, "--model", "demo", "--colocated")
     yield deployment
     code, orphans = stop_up(deployment)
     assert code == 0 and orphans == [], deployment.log()[-3000:]
@@ -27,8 +27,8 @@ def colocated_up(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chunked_up(tmp_path_factory):
-    deployment = start_up(tmp_path_factory, "--colocated", "--colocated-instances", "1", "--chunked-prefill", "16",
-                          "--colocated-prefix-cache")
+    deployment = start_up(tmp_path_factory, "--model", "demo", "--colocated", "--colocated-instances", "1",
+                          "--chunked-prefill", "16", "--colocated-prefix-cache")
     yield deployment
     code, orphans = stop_up(deployment)
     assert code == 0 and orphans == [], deployment.log()[-3000:]

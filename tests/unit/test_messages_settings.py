@@ -26,6 +26,7 @@ def test_roundtrip_and_foreign_payloads():
 def test_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TSUKIMI_GATEWAY_PORT", "9000")
     monkeypatch.setenv("TSUKIMI_LOG_LEVEL", "debug")
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv("TSUKIMI_MODEL", str(tmp_path))
     s = Settings()
     assert s.gateway_port == 9000 and s.log_level == "DEBUG" and s.model == str(tmp_path)

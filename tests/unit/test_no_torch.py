@@ -11,6 +11,9 @@ LIGHT_MODULES = [
     # `tsukimi <service>` imports the launcher (for `up`) before dispatching, in every image.
     "tsukimi.cli",
     "tsukimi.launcher",
+    # Model names are resolved (and `tsukimi model list` runs) in every image; only a conversion imports torch.
+    "tsukimi.model.resolve",
+    "tsukimi.model.cli",
     "tsukimi.gateway.service",
     "tsukimi.gateway.app",
     "tsukimi.conductor.service",

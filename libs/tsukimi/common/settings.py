@@ -8,6 +8,8 @@ import socket
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tsukimi.model.resolve import check_spec
+
 ENV_PREFIX = "TSUKIMI_"
 
 
@@ -18,10 +20,13 @@ class Settings(BaseSettings):
 
     # NATS server every service connects to.
     nats_url: str = "nats://127.0.0.1:4222"
-    # "demo" (the built-in seeded model) or a local Hugging Face checkpoint directory.
+    # "demo" (the built-in seeded model), a known model's name (e.g. "smollm2", pulled into `model_cache_dir`),
+    # a local Hugging Face checkpoint directory, or a .gguf file (or a directory holding one), converted once.
     model: str = "demo"
     # Name clients pass as `model`; defaults to "demo" or the checkpoint directory's name.
     served_model_name: str | None = None
+    # Directory of converted models (`tsukimi model pull`): one checkpoint directory per known name or GGUF hash.
+    model_cache_dir: str = Field("~/.cache/tsukimi/models", validate_default=True)
     # SQLAlchemy URL of the conductor's request journal.
     database_url: str = "sqlite:///tsukimi.db"
     # Unique name of this service instance; generated from host and pid when empty.
@@ -167,9 +172,12 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _model_exists(cls, value: str) -> str:
-        if value != "demo" and not os.path.isdir(value):
-            raise ValueError(f"model must be 'demo' or an existing checkpoint directory, got {value!r}")
-        return value if value == "demo" else os.path.abspath(value)
+        return check_spec(value)
+
+    @field_validator("model_cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: str) -> str:
+        return os.path.abspath(os.path.expanduser(value))
 
     def secret_bytes(self) -> bytes:
         """The cluster secret; raises ValueError when none is configured (transfers must authenticate)."""
