@@ -57,14 +57,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start_up(tmp_path_factory, *args: str, nats_url: str | None = None, timeout_s: float = 240) -> Deployment:
-    """Starts `tsukimi up` with `args` on a free port and waits until /health is ready."""
+def start_up(tmp_path_factory, *args: str, nats_url: str | None = None, timeout_s: float = 240,
+             env: dict[str, str] | None = None) -> Deployment:
+    """Starts `tsukimi up` with `args` (and `env` over the test's environment) on a free port and waits until
+    /health is ready."""
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("up") / "up.log")
     cmd = [sys.executable, "-m", "tsukimi", "up", "--port", str(port), *args]
     if nats_url:
         cmd += ["--nats-url", nats_url]
-    env = dict(os.environ, TSUKIMI_HEARTBEAT_INTERVAL_S="0.3", TSUKIMI_INSTANCE_TTL_S="2",
+    env = dict(os.environ, **(env or {}), TSUKIMI_HEARTBEAT_INTERVAL_S="0.3", TSUKIMI_INSTANCE_TTL_S="2",
                TSUKIMI_DATABASE_URL=f"sqlite:///{tmp_path_factory.mktemp('db')}/journal.db")
     log = open(log_path, "w")
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
