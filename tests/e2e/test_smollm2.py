@@ -88,33 +88,36 @@ def test_served_under_the_name_typed(smol_up):
     assert smol_up.model == "smollm2"
 
 
+async def alone_then_together(base_url: str, path: str, bodies: list[dict]) -> list[dict]:
+    """Each of `bodies` alone, then 8 at once (cycling through them): the answers in that order."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        alone = [await post(client, path, body) for body in bodies]
+        together = await asyncio.gather(*[post(client, path, bodies[i % len(bodies)]) for i in range(8)])
+    return alone + list(together)
+
+
 async def test_completions_equal_generate_one_at_a_time_and_concurrently(smol_up, reference):
-    refs = []
-    for prompt in COMPLETIONS:
-        ids = reference[1](prompt, add_special_tokens=True)["input_ids"]
-        refs.append((len(ids), greedy(reference, ids, 24)))
-    async with httpx.AsyncClient(base_url=smol_up.base_url, timeout=600) as client:
-        alone = [await post(client, "/v1/completions", {"prompt": p, "max_tokens": 24}) for p in COMPLETIONS]
-        together = await asyncio.gather(*[post(client, "/v1/completions", {"prompt": COMPLETIONS[i % 3],
-                                                                         "max_tokens": 24}) for i in range(8)])
-    for i, body in enumerate(alone + list(together)):
-        num_prompt, ref = refs[i % 3]
-        assert body["usage"]["prompt_tokens"] == num_prompt
-        assert body["choices"][0]["text"] == text_of(reference, ref), f"prompt {i % 3}"
-        assert body["usage"]["completion_tokens"] == len(ref)
+    prompt_ids = [reference[1](p, add_special_tokens=True)["input_ids"] for p in COMPLETIONS]
+    refs = [greedy(reference, ids, 24) for ids in prompt_ids]
+    answers = await alone_then_together(smol_up.base_url, "/v1/completions",
+                                        [{"prompt": p, "max_tokens": 24} for p in COMPLETIONS])
+    for i, body in enumerate(answers):
+        k = i % len(COMPLETIONS)
+        assert body["usage"]["prompt_tokens"] == len(prompt_ids[k])
+        assert body["choices"][0]["text"] == text_of(reference, refs[k]), f"prompt {k}"
+        assert body["usage"]["completion_tokens"] == len(refs[k])
 
 
 async def test_chats_equal_generate_one_at_a_time_and_concurrently(smol_up, reference):
-    refs = [(len(chat_ids(reference, m)), greedy(reference, chat_ids(reference, m), 32)) for m in CHATS]
-    async with httpx.AsyncClient(base_url=smol_up.base_url, timeout=600) as client:
-        alone = [await post(client, "/v1/chat/completions", {"messages": m, "max_tokens": 32}) for m in CHATS]
-        together = await asyncio.gather(*[post(client, "/v1/chat/completions", {"messages": CHATS[i % 3],
-                                                                              "max_tokens": 32}) for i in range(8)])
-    for i, body in enumerate(alone + list(together)):
-        num_prompt, ref = refs[i % 3]
-        assert body["usage"]["prompt_tokens"] == num_prompt
-        assert body["choices"][0]["message"]["content"] == text_of(reference, ref), f"chat {i % 3}"
-    assert "Paris" in alone[0]["choices"][0]["message"]["content"]
+    prompt_ids = [chat_ids(reference, m) for m in CHATS]
+    refs = [greedy(reference, ids, 32) for ids in prompt_ids]
+    answers = await alone_then_together(smol_up.base_url, "/v1/chat/completions",
+                                        [{"messages": m, "max_tokens": 32} for m in CHATS])
+    for i, body in enumerate(answers):
+        k = i % len(CHATS)
+        assert body["usage"]["prompt_tokens"] == len(prompt_ids[k])
+        assert body["choices"][0]["message"]["content"] == text_of(reference, refs[k]), f"chat {k}"
+    assert "Paris" in answers[0]["choices"][0]["message"]["content"]
 
 
 async def test_a_shared_system_prompt_is_reused_with_identical_output(smol_up, reference):
