@@ -87,12 +87,13 @@ def answer_ids(
     A final end-of-sequence token is not part of the text (the template writes the turn's end). `is_cut`: a stop
     string cut the text; its ids are the leading ones that decode to it, if the cut falls between two tokens.
     """
-    # NOTE: bytes that are not UTF-8 decode to U+FFFD in both the text and `decode`; the model's own ids are kept
-    # for them, so the next turn carries the answer as it was generated.
+    # NOTE: bytes that are not UTF-8 reach the client as U+FFFD, which it sends back; the model's own ids would
+    # then stand for other text than the client's, so such an answer is not remembered (its next turn is encoded
+    # from the text, as the client wrote it).
     ids = list(output_ids)
     if ids and ids[-1] in eos_token_ids:
         ids.pop()
-    if not text or not ids:
+    if not text or not ids or "\ufffd" in text:
         return None
     lengths = range(len(ids), max(0, len(ids) - STOP_LOOKBACK_TOKENS), -1) if is_cut else (len(ids),)
     for n in lengths:
