@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from tsukimi.bench.serve_record import SseDecoder, SseLineSplitter
+
 # Short chat prompts (one per concurrent request) and the long one's document.
 TOPICS = ("the sea", "a lighthouse keeper", "the moon festival", "a lost key", "bread", "a mountain village",
           "a robot gardener", "rain in the city", "an old map", "the first snow", "a night train", "a clockmaker",
@@ -201,29 +203,32 @@ async def _serve_all(url: str, model: str, prompts: list[list[int]], max_tokens:
 async def _serve_one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> Timing:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    timing, times, buffer = Timing(), [], b""
+    timing, times = Timing(), []
     started = time.perf_counter()
+
+    def apply(data: str | None) -> None:
+        if data is None or data == "[DONE]":
+            return
+        event = json.loads(data)
+        if event.get("error"):
+            timing.error = str(event["error"])
+        for choice in event.get("choices") or []:
+            if choice.get("text"):
+                timing.text += choice["text"]
+                times.append(time.perf_counter() - started)
+        if event.get("usage"):
+            timing.num_tokens = event["usage"]["completion_tokens"]
+
     async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
         if resp.status_code != 200:
             timing.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
             return timing
-        # NOTE: split at LF only: JSON escapes CR and LF inside strings, and other line breaks are content.
+        lines, decoder = SseLineSplitter(), SseDecoder()
         async for chunk in resp.aiter_bytes():
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                line = line.strip()
-                if not line.startswith(b"data:") or line == b"data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if event.get("error"):
-                    timing.error = str(event["error"])
-                for choice in event.get("choices") or []:
-                    if choice.get("text"):
-                        timing.text += choice["text"]
-                        times.append(time.perf_counter() - started)
-                if event.get("usage"):
-                    timing.num_tokens = event["usage"]["completion_tokens"]
+            for line in lines.feed(chunk):
+                apply(decoder.feed(line))
+        for line in [*lines.flush(), ""]:
+            apply(decoder.feed(line))
     if times:
         timing.ttft_s = times[0]
         timing.tbt_s = (times[-1] - times[0]) / max(1, timing.num_tokens - 1)
