@@ -105,6 +105,17 @@ def stop_up(deployment: Deployment, sig: int = signal.SIGINT, timeout_s: float =
     return code, [p for p in children if _alive(p)]
 
 
+def greedy_ids(model, prompt_ids: list[int], max_tokens: int, **generate_args) -> list[int]:
+    """The new token ids of transformers' own greedy `generate` on `prompt_ids` (the correctness anchor)."""
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                             **generate_args)
+    return out[0, len(prompt_ids):].tolist()
+
+
 @pytest.fixture(scope="session")
 def demo_up(tmp_path_factory):
     """`tsukimi up` with the demo model on its own NATS server (so tests can watch the bus)."""

