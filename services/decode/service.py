@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
+from tsukimi.common.compute_thread import ComputeThread
 from tsukimi.common.messages import (
     CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
     encode,
@@ -72,6 +73,8 @@ class DecodeService:
         # Colocated worker: id of the prefill half of this process ("" when disaggregated).
         self.colocated_with = colocated_with
         self.engine = engine
+        # Where every step runs (one thread: one OpenMP team).
+        self._compute = ComputeThread("decode-compute")
         # Cost model fitted at start-up and corrected by every step; None: not calibrated, none published.
         self.costs = costs
         self.host = socket.gethostname()
@@ -255,13 +258,14 @@ class DecodeService:
         if self.cache is not None:
             await self.cache.close()
         await self.transfer.close()
+        self._compute.close()
         await self.nc.drain()
 
     async def _step(self) -> None:
         arrived, self._arrived = self._arrived, []
         cancelled, self._cancelled = self._cancelled, set()
         started = time.perf_counter()
-        events, left = await asyncio.to_thread(self.engine.step, arrived, cancelled)
+        events, left = await self._compute.run(self.engine.step, arrived, cancelled)
         if events:
             STEP_SECONDS.observe(time.perf_counter() - started)
             TOKENS.inc(len(events))

@@ -16,6 +16,7 @@ import itertools
 import time
 from collections.abc import Callable
 
+from tsukimi.common.compute_thread import ComputeThread
 from tsukimi.prefill.engine import PrefillJob, PrefillStopped
 
 # (job, tokens to compute) per prompt in one forward -> the jobs that stopped (see `PrefillEngine.step`).
@@ -59,6 +60,8 @@ class ChunkScheduler:
     def __init__(self, step: StepFn, budget_tokens: int, pack_tokens: int = 0,
                  predict_s: Callable[[int, int], float] | None = None, clock: Callable[[], float] = time.time):
         self._step = step
+        # Where every forward runs (one thread: one OpenMP team).
+        self._compute = ComputeThread("prefill-compute")
         # Prompt tokens per forward; 0: one whole prompt per forward.
         self.budget_tokens = budget_tokens
         # Prompts with at most this many tokens left share forwards; 0: none does.
@@ -101,7 +104,7 @@ class ChunkScheduler:
             parts = [(ordered[i], n) for i, n in plan([job.num_remaining for job in ordered], self.budget_tokens,
                                                               self.pack_tokens)]
             try:
-                stopped = await asyncio.to_thread(self._step, parts)
+                stopped = await self._compute.run(self._step, parts)
             except Exception as exc:
                 for job, _ in parts:
                     self._settle(job, exc)
