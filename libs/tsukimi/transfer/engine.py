@@ -26,7 +26,8 @@ from tsukimi.transfer.descriptor import BufferDescriptor, SegmentDescriptor, loc
 from tsukimi.transfer.memory import SharedRegion, as_byte_view, pid_alive, sweep_orphans
 from tsukimi.transfer.metadata import MetadataStore
 from tsukimi.transfer.rdma import MemoryRegion, RdmaError, RdmaUnavailable
-from tsukimi.transfer.rdma_peer import RdmaHost, RdmaPeer
+from tsukimi.transfer.rdma_host import RdmaHost
+from tsukimi.transfer.rdma_peer import RdmaPeer
 from tsukimi.transfer.shm_peer import ShmPeer
 from tsukimi.transfer.tcp_peer import TcpPeer
 from tsukimi.transfer.tcp_server import TcpServer

@@ -1,33 +1,30 @@
-"""The RDMA transport of the engine: one-sided RDMA WRITE/READ to a peer's registered buffers.
+"""The initiator side of the RDMA transport: one-sided RDMA WRITE/READ to one peer's registered buffers.
 
-`RdmaHost` is an engine's RDMA device: it registers the engine's buffers and accepts peers' queue pairs (the
-target side, called from the TCP server). `RdmaPeer` is the initiator side for one peer: over the engine's
-authenticated TCP connection it exchanges queue-pair details and learns the peer's regions (OP_RDMA_CONNECT,
-OP_RDMA_REGIONS in wire.py), then posts slices on its RC queue pair and completes them from the completion
-queue. The target's CPU does nothing per transfer.
+`RdmaPeer`, over the engine's authenticated TCP connection, exchanges queue-pair details and learns the peer's
+regions (OP_RDMA_CONNECT, OP_RDMA_REGIONS in wire.py, answered by the peer's `RdmaHost`, rdma_host.py), then
+posts slices on its RC queue pair and completes them from the completion queue. The target's CPU does nothing
+per transfer.
 
-NOTE: rdma.py is not thread-safe, and an engine's device (one CQ, shared by all its connections) is used from
-the event loop (registration), the TCP server's threads (accepting peers) and one thread per RdmaPeer; every
-verbs call on it therefore holds `RdmaHost.lock`. Slices are completed outside that lock.
+NOTE: every verbs call on the engine's device holds `RdmaHost.lock` (see rdma_host.py). Slices are completed
+outside that lock.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 
 import msgspec
 
 from tsukimi.transfer import wire
 from tsukimi.transfer.batch import Op, Slice, Status
 from tsukimi.transfer.descriptor import BufferDescriptor
-from tsukimi.transfer.rdma import MemoryRegion, QpInfo, RcConnection, RdmaDevice, RdmaError, RemoteRegion
+from tsukimi.transfer.rdma import RcConnection, RdmaError, RemoteRegion
+from tsukimi.transfer.rdma_host import Hello, RdmaHost, RegionInfo
 
 log = logging.getLogger(__name__)
 
@@ -38,93 +35,6 @@ MAX_REPLY_BYTES = 64 << 20
 
 _STOP = object()
 _FLUSHED = "IBV_WC_WR_FLUSH_ERR"
-
-
-class RegionInfo(msgspec.Struct, array_like=True, frozen=True):
-    """One registered buffer of the target, as its RDMA peers address it."""
-
-    buffer_id: int
-    addr: int
-    rkey: int
-    length: int
-    is_writable: bool
-
-
-class Hello(msgspec.Struct):
-    """The target's reply to OP_RDMA_CONNECT (with its QP) and OP_RDMA_REGIONS (without)."""
-
-    qp: QpInfo | None
-    regions: list[RegionInfo]
-
-
-# The engine's registered buffers: (buffer id, memory region, is_writable) each.
-Regions = Callable[[], list[tuple[int, MemoryRegion, bool]]]
-
-
-class RdmaHost:
-    """An engine's RDMA device, shared by its target side (peers' QPs) and its RdmaPeers.
-
-    Opens the device named by TSUKIMI_RDMA_DEVICE (default: the first) at the GID index TSUKIMI_RDMA_GID_INDEX
-    (default 0; RoCE v2 usually needs another, see `show_gids`). Raises RdmaUnavailable with the reason when
-    RDMA cannot be used here. `regions()` lists the buffers peers may reach (called from server threads)."""
-
-    def __init__(self, regions: Regions):
-        self.device = RdmaDevice(
-            name=os.environ.get("TSUKIMI_RDMA_DEVICE") or None,
-            gid_index=int(os.environ.get("TSUKIMI_RDMA_GID_INDEX") or 0),
-        )
-        self.lock = threading.Lock()
-        self.max_message_size = self.device.max_message_size
-        self._regions = regions
-
-    @property
-    def name(self) -> str:
-        return self.device.name
-
-    def register(self, view: memoryview, writable: bool) -> MemoryRegion:
-        """Registers `view` for local use and remote READ, plus remote WRITE when `writable`. Raises ValueError
-        for memory that cannot be registered (read-only or non-contiguous views), RdmaError when verbs fail."""
-        with self.lock:
-            return self.device.register(view, writable)
-
-    def deregister(self, mr: MemoryRegion) -> None:
-        with self.lock:
-            mr.close()
-
-    def accept(self, payload: bytes) -> tuple[bytes, Callable[[], None]]:
-        """Target side of OP_RDMA_CONNECT: connects a new QP to the peer's (msgpack QpInfo in `payload`); returns
-        the reply (msgpack `Hello`) and a function that closes the QP (call it when the control connection
-        ends)."""
-        info = msgspec.msgpack.decode(payload, type=QpInfo)
-        with self.lock:
-            # NOTE: the target never posts on this QP (peers READ and WRITE into it), so a send queue of 1 keeps
-            # the shared CQ's budget for the initiator side.
-            conn = RcConnection(self.device, max_send_wr=1)
-            try:
-                conn.connect(info)
-            except BaseException:
-                conn.close()
-                raise
-            mine = conn.local_info()
-
-        def close() -> None:
-            with self.lock:
-                conn.close()
-
-        return msgspec.msgpack.encode(Hello(mine, self._region_infos())), close
-
-    def regions_reply(self) -> bytes:
-        """Target side of OP_RDMA_REGIONS: the current regions (msgpack `Hello` without a QP)."""
-        return msgspec.msgpack.encode(Hello(None, self._region_infos()))
-
-    def _region_infos(self) -> list[RegionInfo]:
-        return [RegionInfo(buffer_id, mr.addr, mr.rkey, mr.length, is_writable)
-                for buffer_id, mr, is_writable in self._regions() if not mr.closed]
-
-    def close(self) -> None:
-        """Closes the device and everything made on it."""
-        with self.lock:
-            self.device.close()
 
 
 class RdmaPeer:

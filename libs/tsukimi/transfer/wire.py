@@ -11,7 +11,7 @@ Response: seq (8 B), status (1 B), message length (4 B), message; a successful R
 A connection serves requests in order, so a client may send many before reading the responses.
 RDMA control (only to engines that offer rdma; buffer id and offset 0): RDMA_CONNECT carries the client's
 msgpack QpInfo, RDMA_REGIONS nothing; on success the response's message is the msgpack reply (see
-rdma_peer.Hello; not truncated). The target keeps a QP made by RDMA_CONNECT until the connection closes.
+rdma_host.Hello; not truncated). The target keeps a QP made by RDMA_CONNECT until the connection closes.
 """
 
 from __future__ import annotations
