@@ -23,16 +23,8 @@ import msgspec
 import pytest
 
 from tsukimi.transfer import rdma
-from tsukimi.transfer.rdma import (
-    QpInfo,
-    RcConnection,
-    RdmaDevice,
-    RdmaError,
-    RdmaUnavailable,
-    RemoteRegion,
-    check_bounds,
-    probe,
-)
+from tsukimi.transfer.rdma import RdmaDevice, RdmaError, RdmaUnavailable, RemoteRegion, probe
+from tsukimi.transfer.rdma_connection import QpInfo, RcConnection, check_bounds
 
 AVAILABLE, REASON = probe()
 needs_rdma = pytest.mark.skipif(not AVAILABLE, reason=REASON)

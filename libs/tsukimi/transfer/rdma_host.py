@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from tsukimi.transfer.rdma import MemoryRegion, QpInfo, RcConnection, RdmaDevice
+from tsukimi.transfer.rdma import MemoryRegion, RdmaDevice
+from tsukimi.transfer.rdma_connection import QpInfo, RcConnection
 
 
 class RegionInfo(msgspec.Struct, array_like=True, frozen=True):

@@ -23,7 +23,8 @@ import msgspec
 from tsukimi.transfer import wire
 from tsukimi.transfer.batch import Op, Slice, Status
 from tsukimi.transfer.descriptor import BufferDescriptor
-from tsukimi.transfer.rdma import RcConnection, RdmaError, RemoteRegion
+from tsukimi.transfer.rdma import RdmaError, RemoteRegion
+from tsukimi.transfer.rdma_connection import RcConnection
 from tsukimi.transfer.rdma_host import Hello, RdmaHost, RegionInfo
 
 log = logging.getLogger(__name__)
