@@ -1,7 +1,8 @@
 """The pool's metadata master: which blocks exist, where their replicas live, who is reading them.
 
-Plain class (no I/O): the cachestore service wraps it in gRPC; the data itself moves through the transfer
-engine between workers and the instances that contribute memory. Follows Mooncake Store's master:
+Plain class (no I/O) over a `BlockTable` (block_table.py: tiers, LRU eviction, the change log): the cachestore
+service wraps it in gRPC; the data itself moves through the transfer engine between workers and the instances
+that contribute memory. Follows Mooncake Store's master:
 - a put is two-phase: `put_start` allocates replicas (the block is invisible, and cannot be evicted, while it is
   written), `put_end` makes it visible, `put_revoke` frees the space;
 - a `get` takes a lease (default 10 s) that blocks eviction and removal until released or expired;
@@ -23,97 +24,21 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from tsukimi.cachestore.lru_index import LruBlockIndex, TierFull
-from tsukimi.common.arena import ArenaAllocator, ArenaFull
-
-TIERS = ("dram", "ssd")
+from tsukimi.cachestore.block_table import BlockTable, Tier
+from tsukimi.cachestore.records import TIERS, Block, Eviction, PoolError, Replica, dram_first
 
 
-def _dram_first(replicas: list[Replica]) -> list[Replica]:
-    """A copy of `replicas`, DRAM ones first (most blocks have one replica: no sort)."""
-    if len(replicas) == 1:
-        return list(replicas)
-    return sorted(replicas, key=lambda r: TIERS.index(r.tier))
-
-
-class PoolError(Exception):
-    """A request the pool cannot satisfy (unknown block, no room, leased, ...)."""
-
-
-class Replica(NamedTuple):
-    """Where one copy of a block lives. (Named tuples here: made per block on every put, at half a frozen
-    dataclass's cost.)"""
-
-    instance_id: str
-    tier: str
-    offset: int
-    size: int
-
-
-@dataclass(slots=True)
-class Block:
-    """One immutable block of KV, keyed by its chained hash."""
-
-    key: bytes
-    size: int
-    # Checksum the writer computed; readers verify it.
-    checksum: str
-    replicas: list[Replica]
-    # False while being written.
-    is_visible: bool = False
-    # Lease id -> expiry (monotonic seconds).
-    leases: dict[int, float] = field(default_factory=dict)
-
-
-class Change(NamedTuple):
-    """A replica of a visible block appeared (`is_stored`) or went away. A stored replica whose bytes come from
-    another replica names it as `source` (demotion to SSD, promotion to DRAM, a raised replica count); the
-    instance holding `replica` must copy them before the operation's reply leaves."""
-
-    key: bytes
-    replica: Replica
-    is_stored: bool
-    source: Replica | None = None
-
-
-class Eviction(NamedTuple):
-    """A replica evicted from a tier; `demoted_to` is where its bytes must be copied (SSD), if anywhere."""
-
-    key: bytes
-    replica: Replica
-    demoted_to: Replica | None
-
-
-class _Tier:
-    def __init__(self, capacity: int, high_watermark: float, evict_share: float):
-        self.allocator = ArenaAllocator(capacity)
-        self.lru = LruBlockIndex(capacity, high_watermark, evict_share)
-
-
-class PoolMaster:
-    """Metadata of the whole pool."""
+class PoolMaster(BlockTable):
+    """Metadata of the whole pool: the protocol (puts, slots, leases, their deadlines) over its `BlockTable`."""
 
     def __init__(self, lease_s: float = 10.0, high_watermark: float = 0.9, evict_share: float = 0.05,
                  clock=time.monotonic, put_timeout_s: float = 60.0):
+        super().__init__(high_watermark, evict_share)
         self.lease_s = lease_s
         self.put_timeout_s = put_timeout_s
-        self._high_watermark = high_watermark
-        self._evict_share = evict_share
         self._clock = clock
-        self._tiers: dict[tuple[str, str], _Tier] = {}
-        # (instance, tier) of every DRAM tier, in the order the instances joined.
-        self._dram_tiers: list[tuple[str, _Tier]] = []
-        self._blocks: dict[bytes, Block] = {}
-        # Blocks with at least one lease: the only ones `_expire` has to look at.
-        self._leased: dict[bytes, Block] = {}
         self._lease_ids = itertools.count(1)
-        self._changes: list[Change] = []
-        self.num_evictions = 0
-        # Puts started and not ended -> when they are revoked if still not ended.
-        self._writing: dict[bytes, float] = {}
         # Reserved slots: id -> (its DRAM, when it goes back if not ended).
         self._slots: dict[int, tuple[Replica, float]] = {}
         # NOTE: random ids: an id a client got from another pool (a master before this one) is unknown here.
@@ -129,10 +54,10 @@ class PoolMaster:
         """An instance contributes `dram_bytes` (and optionally `ssd_bytes`) to the pool, with the blocks its SSD
         tier already holds as (key, size, checksum); returns the keys of those it could not take (no room, or a
         different size or checksum under the same key), which the instance should delete."""
-        self._tiers[(instance_id, "dram")] = _Tier(dram_bytes, self._high_watermark, self._evict_share)
+        self._tiers[(instance_id, "dram")] = Tier(dram_bytes, self._high_watermark, self._evict_share)
         self._list_dram_tiers()
         if ssd_bytes:
-            self._tiers[(instance_id, "ssd")] = _Tier(ssd_bytes, self._high_watermark, self._evict_share)
+            self._tiers[(instance_id, "ssd")] = Tier(ssd_bytes, self._high_watermark, self._evict_share)
         rejected = []
         for key, size, checksum in ssd_blocks:
             block = self._blocks.get(key)
@@ -169,50 +94,6 @@ class PoolMaster:
                 lost.append(key)
         return lost
 
-    @property
-    def num_blocks(self) -> int:
-        return sum(1 for b in self._blocks.values() if b.is_visible)
-
-    def dram_used(self) -> int:
-        """Bytes of DRAM held by indexed (visible) blocks, all instances."""
-        return sum(t.lru.used for (_, tier), t in self._tiers.items() if tier == "dram")
-
-    def tier_usage(self) -> list[tuple[str, str, int, int, int]]:
-        """(instance, tier, capacity bytes, used bytes, blocks) of every tier, used counting visible blocks."""
-        return [(iid, name, t.allocator.capacity, t.lru.used, len(t.lru))
-                for (iid, name), t in sorted(self._tiers.items())]
-
-    def checksum(self, key: bytes) -> str:
-        return self._require(key).checksum
-
-    def replicas(self, key: bytes) -> list[Replica]:
-        """Replicas of a block (DRAM first); [] when unknown."""
-        block = self._blocks.get(key)
-        return _dram_first(block.replicas) if block else []
-
-    def size(self, key: bytes) -> int:
-        """Bytes of a block; 0 when unknown."""
-        block = self._blocks.get(key)
-        return block.size if block else 0
-
-    def has_replica(self, key: bytes, replica: Replica) -> bool:
-        block = self._blocks.get(key)
-        return block is not None and replica in block.replicas
-
-    @property
-    def instance_ids(self) -> list[str]:
-        return sorted({iid for iid, _ in self._tiers})
-
-    def snapshot(self) -> list[tuple[bytes, str, str]]:
-        """(key, instance, tier) of every replica of every visible block."""
-        return [(key, r.instance_id, r.tier) for key, block in self._blocks.items() if block.is_visible
-                for r in block.replicas]
-
-    def take_changes(self) -> list[Change]:
-        """Changes recorded since the last call, oldest first."""
-        changes, self._changes = self._changes, []
-        return changes
-
     # ---- lookups -----------------------------------------------------------------------------------------
 
     def lookup_prefix(self, keys: list[bytes]) -> dict[str, dict[str, int]]:
@@ -229,10 +110,6 @@ class PoolMaster:
                 n += 1
             result.setdefault(iid, {})[tier] = n
         return result
-
-    def exists(self, key: bytes) -> bool:
-        block = self._blocks.get(key)
-        return block is not None and block.is_visible
 
     # ---- two-phase put -----------------------------------------------------------------------------------
 
@@ -329,11 +206,6 @@ class PoolMaster:
         """Slots reserved and not ended or returned yet."""
         return len(self._slots)
 
-    def _free(self, replica: Replica) -> None:
-        tier = self._tiers.get((replica.instance_id, replica.tier))
-        if tier is not None:
-            tier.allocator.free(replica.offset)
-
     def put_end(self, key: bytes) -> list[Eviction]:
         """The block's bytes are written: it becomes visible. Returns the evictions this caused. Raises
         PoolError for a put revoked meanwhile (by its writer, or for its timeout)."""
@@ -384,7 +256,7 @@ class PoolMaster:
         block = self._blocks.get(key)
         if block is None or not block.is_visible:
             return None
-        return _dram_first(block.replicas), self._lease(block, self._deadline(self.lease_s))
+        return dram_first(block.replicas), self._lease(block, self._deadline(self.lease_s))
 
     def get_many(self, keys: list[bytes], is_prefix: bool = False) -> list[tuple[list[Replica], int, str] | None]:
         """`get` of each key, in order, with the block's checksum: (replicas, lease id, checksum), None on a miss.
@@ -401,7 +273,7 @@ class PoolMaster:
                     results += [None] * (len(keys) - len(results))
                     break
                 continue
-            results.append((_dram_first(block.replicas), self._lease(block, until), block.checksum))
+            results.append((dram_first(block.replicas), self._lease(block, until), block.checksum))
         return results
 
     def _lease(self, block: Block, until: float) -> int:
@@ -417,21 +289,6 @@ class PoolMaster:
         block.leases[lease] = until
         self._leased[key] = block
         return lease
-
-    def touch(self, keys: list[bytes]) -> tuple[int, int]:
-        """Counts reads of blocks a reader still held a lease on (read without a `get`) as accesses; returns how
-        many of `keys` are visible blocks, and their bytes (the others are ignored)."""
-        blocks, tiers = self._blocks, self._tiers
-        num_found = num_bytes = 0
-        for key in keys:
-            block = blocks.get(key)
-            if block is None or not block.is_visible:
-                continue
-            num_found += 1
-            num_bytes += block.size
-            for replica in block.replicas:
-                tiers[(replica.instance_id, replica.tier)].lru.touch(key)
-        return num_found, num_bytes
 
     def release(self, key: bytes, lease: int) -> None:
         """Ends a lease early."""
@@ -509,111 +366,12 @@ class PoolMaster:
 
     # ---- internals ---------------------------------------------------------------------------------------
 
-    def _require(self, key: bytes) -> Block:
-        block = self._blocks.get(key)
-        if block is None:
-            raise PoolError("unknown block")
-        return block
-
     def _deadline(self, seconds: float) -> float:
         """`seconds` from now, as a lease or put deadline that `_expire` will look at."""
         until = self._clock() + seconds
         if until < self._next_expiry:
             self._next_expiry = until
         return until
-
-    def _list_dram_tiers(self) -> None:
-        self._dram_tiers = [(iid, t) for (iid, name), t in self._tiers.items() if name == "dram"]
-
-    def _dram_candidates(self, exclude: tuple[str, ...]) -> list[str]:
-        """Instances with a DRAM tier, most free bytes first."""
-        tiers = self._dram_tiers
-        if len(tiers) == 1:
-            return [] if tiers[0][0] in exclude else [tiers[0][0]]
-        ranked = sorted((t for t in tiers if t[0] not in exclude), key=lambda t: -t[1].allocator.num_free_bytes)
-        return [iid for iid, _ in ranked]
-
-    def _record(self, block: Block, replica: Replica, is_stored: bool, source: Replica | None = None) -> None:
-        if block.is_visible:
-            self._changes.append(Change(block.key, replica, is_stored, source))
-
-    def _add_replica(self, block: Block, replica: Replica, source: Replica | None = None) -> list[Eviction]:
-        """Adds a replica to a visible block and indexes it (pinned when the block is leased)."""
-        block.replicas.append(replica)
-        self._record(block, replica, is_stored=True, source=source)
-        evictions = self._index(block.key, replica)
-        if block.leases and block.key in self._tiers[(replica.instance_id, replica.tier)].lru:
-            self._tiers[(replica.instance_id, replica.tier)].lru.pin(block.key)
-        return evictions
-
-    def _drop(self, block: Block, replica: Replica) -> None:
-        """Takes a replica out of its block, its tier's index and allocator; the block goes with its last one."""
-        block.replicas.remove(replica)
-        tier = self._tiers.get((replica.instance_id, replica.tier))
-        if tier is not None:
-            if block.leases and block.key in tier.lru:
-                tier.lru.unpin(block.key)
-            tier.lru.remove(block.key)
-            tier.allocator.free(replica.offset)
-        self._record(block, replica, is_stored=False)
-        if not block.replicas:
-            del self._blocks[block.key]
-            self._leased.pop(block.key, None)
-            self._writing.pop(block.key, None)
-
-    def _allocate(self, iid: str, tier_name: str, size: int, evictions: list[Eviction] | None = None
-                  ) -> int | None:
-        """An offset for `size` bytes in a tier, evicting its oldest unleased blocks while it is full (only
-        when `evictions` collects them); None when it cannot make room."""
-        tier = self._tiers[(iid, tier_name)]
-        while True:
-            try:
-                return tier.allocator.allocate(size)
-            except ArenaFull:
-                if evictions is None:
-                    return None
-                victim = tier.lru.oldest_unpinned()
-                if victim is None:
-                    return None
-                tier.lru.remove(victim)
-                evictions += self._evict(victim, iid, tier_name)
-
-    def _index(self, key: bytes, replica: Replica) -> list[Eviction]:
-        tier = self._tiers[(replica.instance_id, replica.tier)]
-        try:
-            evicted = tier.lru.insert(key, replica.size)
-        except TierFull:
-            evicted = []
-        return [e for k in evicted for e in self._evict(k, replica.instance_id, replica.tier)]
-
-    def _evict(self, key: bytes, iid: str, tier_name: str) -> list[Eviction]:
-        """Takes `key`'s replica out of a tier (already out of its LRU): DRAM demotes to the instance's SSD tier
-        when there is one (which may evict there in turn); SSD drops."""
-        self.num_evictions += 1
-        block = self._blocks[key]
-        replica = next(r for r in block.replicas if r.instance_id == iid and r.tier == tier_name)
-        self._tiers[(iid, tier_name)].allocator.free(replica.offset)
-        block.replicas.remove(replica)
-        self._record(block, replica, is_stored=False)
-        demoted, more = None, []
-        has_ssd_copy = any(r.instance_id == iid and r.tier == "ssd" for r in block.replicas)
-        if tier_name == "dram" and (iid, "ssd") in self._tiers and not has_ssd_copy:
-            offset = self._allocate(iid, "ssd", block.size, more)
-            if offset is not None:
-                demoted = Replica(iid, "ssd", offset, block.size)
-                block.replicas.append(demoted)
-                self._record(block, demoted, is_stored=True, source=replica)
-                more += self._index(key, demoted)  # NOTE: a full SSD may evict this very block again.
-        if not block.replicas:
-            self._blocks.pop(key, None)
-            self._leased.pop(key, None)
-        return [Eviction(key, replica, demoted), *more]
-
-    def _unpin(self, block: Block) -> None:
-        for replica in block.replicas:
-            tier = self._tiers.get((replica.instance_id, replica.tier))
-            if tier is not None and block.key in tier.lru:
-                tier.lru.unpin(block.key)
 
     def _expire(self) -> None:
         now = self._clock()

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from tsukimi.cachestore.master import Change, PoolError, PoolMaster, Replica
+from tsukimi.cachestore.master import PoolMaster
 from tsukimi.cachestore.member import Member, MemberError
+from tsukimi.cachestore.records import Change, PoolError, Replica
 from tsukimi.common.messages import BlockRemoved, BlockStored, PoolEvents, PoolSnapshot
 
 log = logging.getLogger(__name__)

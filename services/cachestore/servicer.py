@@ -11,7 +11,7 @@ from collections.abc import Callable
 import grpc
 
 from tsukimi.cachestore import metrics
-from tsukimi.cachestore.master import PoolError, Replica
+from tsukimi.cachestore.records import PoolError, Replica
 from tsukimi.cachestore.pool import Pool, PutSpec
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tsukimi.cachestore.master import PoolError, PoolMaster, Replica
+from tsukimi.cachestore.master import PoolMaster
+from tsukimi.cachestore.records import PoolError, Replica
 
 K = [bytes([i]) * 32 for i in range(16)]
 
