@@ -18,3 +18,23 @@ RPC_SECONDS = Histogram("tsukimi_cachestore_rpc_seconds", "Metadata call latency
 TIER_CAPACITY = Gauge("tsukimi_cachestore_tier_capacity_bytes", "Bytes a tier contributes", ["instance", "tier"])
 TIER_USED = Gauge("tsukimi_cachestore_tier_used_bytes", "Bytes held by visible blocks", ["instance", "tier"])
 TIER_BLOCKS = Gauge("tsukimi_cachestore_tier_blocks", "Visible blocks held", ["instance", "tier"])
+
+
+class MasterExport:
+    """Exports a master's counters (what they grew by since the last export) and its per-tier usage; a new one
+    per pool, whose counters start at 0."""
+
+    def __init__(self):
+        self._num_evictions = 0
+        self._num_expired_puts = 0
+
+    def export(self, master) -> None:
+        """Sets the per-tier gauges and adds the evictions and expired puts since the last call."""
+        EVICTIONS.inc(master.num_evictions - self._num_evictions)
+        self._num_evictions = master.num_evictions
+        PUTS.labels("expired").inc(master.num_expired_puts - self._num_expired_puts)
+        self._num_expired_puts = master.num_expired_puts
+        for iid, tier, capacity, used, num_blocks in master.tier_usage():
+            TIER_CAPACITY.labels(iid, tier).set(capacity)
+            TIER_USED.labels(iid, tier).set(used)
+            TIER_BLOCKS.labels(iid, tier).set(num_blocks)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 
 import grpc
 
 from tsukimi.cachestore import metrics
-from tsukimi.cachestore.records import PoolError, Replica
 from tsukimi.cachestore.pool import Pool, PutSpec
+from tsukimi.cachestore.records import PoolError, Replica
+from tsukimi.cachestore.rpc_timing import timed
+from tsukimi.cachestore.session_tasks import SessionTasks
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 
@@ -20,27 +21,6 @@ log = logging.getLogger(__name__)
 
 # Most slots one Reserve may ask for.
 MAX_RESERVE = 4096
-
-
-def _timed(method=None, *, name: str | None = None):
-    """Records the call's latency under its name (or `name`); refuses calls while this instance is not the
-    master."""
-    if method is None:
-        return functools.partial(_timed, name=name)
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context, *args):
-        if self.pool is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"not the pool master{': ask ' + self.master_hint if self.master_hint else ''}")
-        started = time.perf_counter()
-        try:
-            return await method(self, request, context, *args)
-        finally:
-            histogram.observe(time.perf_counter() - started)
-
-    histogram = metrics.RPC_SECONDS.labels(name or method.__name__)
-    return wrapper
 
 
 class CacheStoreServicer(pb_grpc.CacheStoreServicer):
@@ -52,12 +32,9 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self.master_hint = ""
         # host:port of this instance's session lane (SessionLane); "" when it offers none.
         self.lane_address = ""
-        self._num_evictions = 0
-        self._num_expired_puts = 0
+        self._exported = metrics.MasterExport()
         # Tasks answering sessions (gRPC streams and lane connections), ended when the pool they talk to goes.
-        self._sessions: set[asyncio.Task] = set()
-        # The ones cancelled for that (other cancellations are the server's or the client's).
-        self._ending: set[asyncio.Task] = set()
+        self._sessions = SessionTasks()
 
     def _fill(self, out, replicas: list[Replica]) -> None:
         """Appends replicas to a repeated field in place (no intermediate messages)."""
@@ -73,30 +50,19 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     def export(self) -> None:
         """Sets the per-tier gauges and the eviction counter (called periodically, not per call)."""
-        if self.pool is None:
-            return
-        master = self.pool.master
-        metrics.EVICTIONS.inc(master.num_evictions - self._num_evictions)
-        self._num_evictions = master.num_evictions
-        metrics.PUTS.labels("expired").inc(master.num_expired_puts - self._num_expired_puts)
-        self._num_expired_puts = master.num_expired_puts
-        for iid, tier, capacity, used, num_blocks in master.tier_usage():
-            metrics.TIER_CAPACITY.labels(iid, tier).set(capacity)
-            metrics.TIER_USED.labels(iid, tier).set(used)
-            metrics.TIER_BLOCKS.labels(iid, tier).set(num_blocks)
+        if self.pool is not None:
+            self._exported.export(self.pool.master)
 
     def use(self, pool: Pool | None, master_hint: str = "") -> None:
         """Starts (a new pool) or stops (None) answering as the master. The sessions open with the previous pool
         end: what it told their clients (leases, say) no longer holds."""
         if pool is not self.pool:
-            for task in list(self._sessions):
-                self._ending.add(task)
-                task.cancel()
-        self.pool, self.master_hint, self._num_evictions, self._num_expired_puts = pool, master_hint, 0, 0
+            self._sessions.end_all()
+        self.pool, self.master_hint, self._exported = pool, master_hint, metrics.MasterExport()
 
     def is_ending(self, task: asyncio.Task) -> bool:
         """Whether `task` (a session's) was cancelled because its pool went (see `use`)."""
-        return task in self._ending
+        return self._sessions.is_ending(task)
 
     def gone_details(self) -> str:
         """Why a session whose pool went ends."""
@@ -106,13 +72,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     def track_session(self) -> None:
         """Called by the task answering a session: it is cancelled when the pool goes (see `use`)."""
-        task = asyncio.current_task()
-        self._sessions.add(task)
-        task.add_done_callback(self._forget_session)
-
-    def _forget_session(self, task: asyncio.Task) -> None:
-        self._sessions.discard(task)
-        self._ending.discard(task)
+        self._sessions.track()
 
     async def _done(self, request) -> None:
         """Applies the `done` a batch call carries (put ends and lease releases of the client's earlier calls),
@@ -144,7 +104,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     # ---- lookups -----------------------------------------------------------------------------------------
 
-    @_timed
+    @timed
     async def Lookup(self, request, context):
         counts = await self.pool.lookup(list(request.keys))
         reply = pb.LookupReply(num_leading=max((n for tiers in counts.values() for n in tiers.values()),
@@ -154,11 +114,11 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
                 reply.counts.append(pb.TierCount(instance_id=iid, tier=tier, num_blocks=n))
         return reply
 
-    @_timed
+    @timed
     async def Exists(self, request, context):
         return pb.ExistsReply(exists=(await self.pool.exists([request.key]))[0])
 
-    @_timed
+    @timed
     async def BatchExists(self, request, context):
         await self._done(request)
         return pb.BatchExistsReply(exists=await self.pool.exists(list(request.keys)))
@@ -177,7 +137,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             metrics.PUTS.labels("no_room").inc(num_refused)
         return results
 
-    @_timed
+    @timed
     async def PutStart(self, request, context):
         try:
             (result,) = await self._put_start([request])
@@ -189,14 +149,14 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self._fill(reply.replicas, result)
         return reply
 
-    @_timed
+    @timed
     async def BatchPutStart(self, request, context):
         await self._done(request)
         reply = pb.BatchPutStartReply()
         await self._batch_put_start(request, context, reply)
         return reply
 
-    @_timed(name="BatchPutStart")
+    @timed(name="BatchPutStart")
     async def SessionPutStart(self, request, context, reply) -> None:
         """BatchPutStart as a session message, answered into `reply`: its own work only (the session applies its
         `done` after the reply has gone)."""
@@ -214,14 +174,14 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
             if not isinstance(result, PoolError):
                 self._fill(out.replicas, result)
 
-    @_timed
+    @timed
     async def Reserve(self, request, context):
         await self._done(request)
         reply = pb.ReserveReply()
         await self._reserve(request, context, reply)
         return reply
 
-    @_timed(name="Reserve")
+    @timed(name="Reserve")
     async def SessionReserve(self, request, context, reply) -> None:
         """Reserve as a session message, answered into `reply`: its own work only (the session applies its `done`
         after the reply has gone)."""
@@ -245,27 +205,27 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         metrics.PUT_BYTES.inc(sum(sizes))
         return sizes
 
-    @_timed
+    @timed
     async def PutEnd(self, request, context):
         if not (await self._put_end([request.key]))[0]:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown block (revoked or lost)")
         return pb.Empty()
 
-    @_timed
+    @timed
     async def BatchPutEnd(self, request, context):
         await self._done(request)
         if request.keys:
             await self._put_end(list(request.keys))  # NOTE: a block lost meanwhile does not fail the others.
         return pb.Empty()
 
-    @_timed
+    @timed
     async def PutRevoke(self, request, context):
         if not (await self.pool.put_revoke([request.key]))[0]:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "unknown or already visible block")
         metrics.PUTS.labels("revoked").inc()
         return pb.Empty()
 
-    @_timed
+    @timed
     async def BatchPutRevoke(self, request, context):
         await self._done(request)
         metrics.PUTS.labels("revoked").inc(sum(await self.pool.put_revoke(list(request.keys))))
@@ -290,19 +250,19 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         metrics.MISSES.inc(len(keys) - num_hits)
         metrics.GET_BYTES.inc(num_bytes)
 
-    @_timed
+    @timed
     async def Get(self, request, context):
         reply = pb.BatchGetReply()
         await self._get([request.key], reply.gets)
         return reply.gets[0]
 
-    @_timed
+    @timed
     async def BatchGet(self, request, context):
         reply = pb.BatchGetReply()
         await self._batch_get(request, reply)
         return reply
 
-    @_timed(name="BatchGet")
+    @timed(name="BatchGet")
     async def SessionGet(self, request, context, reply) -> None:
         """BatchGet as a session message, answered into `reply`."""
         await self._batch_get(request, reply)
@@ -312,28 +272,28 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         reply.SetInParent()
         await self._get(list(request.keys), reply.gets, request.is_prefix)
 
-    @_timed
+    @timed
     async def Release(self, request, context):
         await self.pool.release([(request.key, request.lease_id)])
         return pb.Empty()
 
-    @_timed
+    @timed
     async def BatchRelease(self, request, context):
         await self.pool.release([(r.key, r.lease_id) for r in request.releases])
         return pb.Empty()
 
     # ---- removal and replicas ----------------------------------------------------------------------------
 
-    @_timed
+    @timed
     async def Remove(self, request, context):
         return pb.RemoveReply(removed=(await self.pool.remove([request.key]))[0])
 
-    @_timed
+    @timed
     async def BatchRemove(self, request, context):
         await self._done(request)
         return pb.BatchRemoveReply(removed=await self.pool.remove(list(request.keys)))
 
-    @_timed
+    @timed
     async def DropReplica(self, request, context):
         r = request.replica
         await self.pool.drop_replica(request.key, Replica(r.instance_id, r.tier, r.offset, r.size))
@@ -343,7 +303,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
     async def _change(self, changes) -> list:
         return await self.pool.change_replicas([(c.key, c.num_replicas) for c in changes])
 
-    @_timed
+    @timed
     async def ChangeReplicas(self, request, context):
         (result,) = await self._change([request])
         if isinstance(result, PoolError):
@@ -352,7 +312,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
         self._fill(reply.replicas, result)
         return reply
 
-    @_timed
+    @timed
     async def BatchChangeReplicas(self, request, context):
         results = await self._change(request.changes)
         reply = pb.BatchChangeReplicasReply()
@@ -429,7 +389,7 @@ class CacheStoreServicer(pb_grpc.CacheStoreServicer):
 
     # ---- stats -------------------------------------------------------------------------------------------
 
-    @_timed
+    @timed
     async def Stats(self, request, context):
         self.export()
         master = self.pool.master
