@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tsukimi.transfer import engine as engine_module
+from tsukimi.transfer import peers as peers_module
 from tsukimi.transfer import rdma, rdma_peer, wire
 from tsukimi.transfer.batch import Op, Status, TransferRequest
 from tsukimi.transfer.engine import TransferEngine, TransferError
@@ -248,7 +249,7 @@ async def test_rdma_is_chosen_for_another_host_and_skipped_on_this_one(verbs, mo
         shared, private = target.allocate(4096), target.register(bytearray(4096))
         await target.publish()
         local = initiator.register(np.ones(4096, dtype=np.uint8))
-        caplog.set_level(logging.INFO, logger="tsukimi.transfer.engine")
+        caplog.set_level(logging.INFO, logger="tsukimi.transfer.peers")
         [st] = await initiator.transfer([TransferRequest(Op.WRITE, local, 0, "rdma-target", shared.buffer_id, 0, 8)])
         assert st.transport == "shm"
         [st] = await initiator.transfer([TransferRequest(Op.WRITE, local, 0, "rdma-target", private.buffer_id, 0, 8)])
@@ -256,6 +257,7 @@ async def test_rdma_is_chosen_for_another_host_and_skipped_on_this_one(verbs, mo
         assert "use tcp (shm: buffer 2 is private memory, not shared; rdma: peer is on this host)" in caplog.text
         # The same target seen from another host: rdma, logged once per buffer.
         monkeypatch.setattr(engine_module, "local_host_id", lambda: "elsewhere/boot")
+        monkeypatch.setattr(peers_module, "local_host_id", lambda: "elsewhere/boot")
         await initiator.open_segment("rdma-target", refresh=True)
         initiator._peers["rdma-target"].choices.clear()
         for _ in range(2):
@@ -294,7 +296,7 @@ async def test_memory_rdma_cannot_register_is_refused_with_the_reason(pair, capl
     _, target, initiator = pair
     remote = target.register(bytearray(64))
     await target.publish()
-    caplog.set_level(logging.WARNING, logger="tsukimi.transfer.engine")
+    caplog.set_level(logging.WARNING, logger="tsukimi.transfer.buffers")
     local = initiator.register(b"immutable bytes!")
     assert local.mr is None and "is not registered for rdma: buffer is read-only" in caplog.text
     with pytest.raises(TransferError, match=f"local buffer {local.buffer_id} is not registered for rdma"):

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 
+class TransferError(RuntimeError):
+    """A transfer did not complete; the message says which request and why."""
+
+
 class Op(enum.IntEnum):
     """Direction, from the initiator's view."""
 

@@ -18,6 +18,8 @@ from tsukimi.transfer.descriptor import SegmentDescriptor
 log = logging.getLogger(__name__)
 
 BUCKET = "tsukimi_segments"
+# Seconds a metadata-store call may take.
+METADATA_TIMEOUT_S = 3.0
 _KEY_OK = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 
 
