@@ -7,18 +7,18 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import anyio
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from tsukimi.common.messages import ErrorInfo, GenerateRequest, SamplingParams
 from tsukimi.common.settings import Settings
 from tsukimi.gateway import errors, metrics, protocol
 from tsukimi.gateway.answer_memory import AnswerMemory, answer_ids
 from tsukimi.gateway.errors import APIError, invalid_request
+from tsukimi.gateway.event_stream import EventStreamResponse
 from tsukimi.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from tsukimi.gateway.stream import Bus, Generation, GenerationError
 from tsukimi.text.chat_template import TemplateError
@@ -32,7 +32,6 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # Status recorded for a request whose client went away before it ended (nginx's convention).
 CLIENT_CLOSED = 499
 SEED_BITS = 63
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -68,23 +67,6 @@ class _Call:
 
 class _ClientGone(Exception):
     """The client disconnected before the answer was ready."""
-
-
-class EventStreamResponse(StreamingResponse):
-    """A server-sent-event response that runs `cleanup` however the stream ends (done, error, disconnect)."""
-
-    def __init__(self, content: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]):
-        super().__init__(content, media_type="text/event-stream", headers=SSE_HEADERS)
-        self._cleanup = cleanup
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await self.body_iterator.aclose()
-                await self._cleanup()
 
 
 class Completions:
