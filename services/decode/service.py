@@ -31,7 +31,7 @@ from tsukimi.decode.kv_inbox import KVInbox, KVRefused
 from tsukimi.model.kv import block_layout
 from tsukimi.model.loader import load_model
 from tsukimi.model.spec import max_model_len
-from tsukimi.prefill.prefix_cache import PrefixCache
+from tsukimi.kvpool.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from tsukimi.common.checksum import checksum_matches
+from tsukimi.kvpool.checksum import checksum_matches
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.batch import Op, Status, TransferRequest

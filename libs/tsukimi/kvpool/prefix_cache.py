@@ -1,4 +1,5 @@
-"""Prefill's use of the KV cache pool: load the longest cached prefix of a prompt, store the blocks it computed.
+"""The workers' use of the KV cache pool (prefill, decode and the colocated worker): load the longest cached
+prefix of a prompt, store the blocks computed.
 
 Through `PoolClient` over a `PoolSession` (the calls `tsukimi bench cachestore` measures; on the master's
 session lane when given the cluster secret): a load is one
@@ -16,11 +17,11 @@ import grpc
 import numpy as np
 import torch
 
-from tsukimi.common.block_keys import block_keys
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.block_keys import block_keys
+from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, KVLayout
-from tsukimi.common.pool_client import PoolClient
-from tsukimi.common.pool_session import PoolSession
+from tsukimi.kvpool.pool_client import PoolClient
+from tsukimi.kvpool.pool_session import PoolSession
 from tsukimi.model.kv import join_blocks, layout_of, to_blocks
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine
