@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from tsukimi.kvpool.block_keys import BlockKey
 from tsukimi.kvpool.checksum import checksum_matches
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
@@ -128,17 +129,17 @@ class PoolClient:
         # Block size -> until when no slots are asked for (the last reserve found no room).
         self._no_room_until: dict[int, float] = {}
         # (slot id, key, checksum) of slots written, and ids of slots to give back, not sent yet.
-        self._slot_ends: list[tuple[int, bytes, str]] = []
+        self._slot_ends: list[tuple[int, BlockKey, str]] = []
         self._returned_slots: list[int] = []
         # The stream (`PoolSession.epoch`) the finished work below was done on; None over a plain stub.
         self._work_stream: int | None = None
-        self._ends: list[bytes] = []
+        self._ends: list[BlockKey] = []
         # (key, lease id) of the leases to give back.
-        self._releases: list[tuple[bytes, int]] = []
+        self._releases: list[tuple[BlockKey, int]] = []
         # Keys read under held leases since the last call.
-        self._held_reads: list[bytes] = []
+        self._held_reads: list[BlockKey] = []
         # Key -> its held lease, least recently read first.
-        self._held: OrderedDict[bytes, _Held] = OrderedDict()
+        self._held: OrderedDict[BlockKey, _Held] = OrderedDict()
         # Looks for idle held leases and stocks every `hold_idle_s` while there are any.
         self._sweeper: asyncio.TimerHandle | None = None
         # Blocks read under held leases so far (no call to the master).
@@ -319,7 +320,7 @@ class PoolClient:
 
     # ---- held leases -------------------------------------------------------------------------------------
 
-    def _let_go(self, key: bytes) -> None:
+    def _let_go(self, key: BlockKey) -> None:
         """Stops holding `key`'s lease: given back on the next call (by its last reader, if it is being read). A
         lease of an earlier stream is only forgotten: the master on the stream now may be another, whose own lease
         ids it would give back."""
@@ -356,7 +357,7 @@ class PoolClient:
         if held or self._stock:
             self._arm_sweep()
 
-    def _hold(self, key: bytes, got: pb.GetReply, sent_at: float, epoch: int) -> bool:
+    def _hold(self, key: BlockKey, got: pb.GetReply, sent_at: float, epoch: int) -> bool:
         """Keeps the lease of a block just read; False when it is not kept (the caller gives it back)."""
         until = sent_at + got.lease_s - _hold_margin_s(got.lease_s)
         now = time.monotonic()
@@ -368,7 +369,7 @@ class PoolClient:
         self._arm_sweep()
         return True
 
-    def _take_held(self, key: bytes, size: int, now: float, epoch: int) -> _Held | None:
+    def _take_held(self, key: BlockKey, size: int, now: float, epoch: int) -> _Held | None:
         """The held lease to read `key` under (marked as being read), if one can be used."""
         held = self._held.get(key)
         if held is None:
@@ -383,7 +384,7 @@ class PoolClient:
         self._held.move_to_end(key)
         return held
 
-    def _read_over(self, key: bytes, held: _Held, ok: bool) -> None:
+    def _read_over(self, key: BlockKey, held: _Held, ok: bool) -> None:
         """A read under a held lease is over: counted for the master when it read the block, else let go."""
         held.num_readers -= 1
         if ok:
@@ -445,7 +446,7 @@ class PoolClient:
                                        "the pool client is closed")
         return await asyncio.shield(self._spawn(coro))
 
-    async def put_many(self, keys: Sequence[bytes], local: LocalBuffer, offsets: Sequence[int],
+    async def put_many(self, keys: Sequence[BlockKey], local: LocalBuffer, offsets: Sequence[int],
                        sizes: Sequence[int], checksums: Sequence[str], num_replicas: int = 1) -> list[bool]:
         """Writes the blocks at `offsets` of `local` under `keys`; per key, True when this call wrote it (False:
         the pool holds it or is being given it already, had no room, or the write failed; a block written into a
@@ -525,7 +526,7 @@ class PoolClient:
             await self._call(self.stub.BatchPutRevoke, pb.KeysRequest(keys=failed, done=self._take_done()))
         return written
 
-    async def get_many(self, keys: Sequence[bytes], local: LocalBuffer, offsets: Sequence[int],
+    async def get_many(self, keys: Sequence[BlockKey], local: LocalBuffer, offsets: Sequence[int],
                        sizes: Sequence[int], verify: bool = True, is_prefix: bool = False) -> list[bool]:
         """Reads the blocks of `keys` into `offsets` of `local`; per key, True when it was read whole (and, with
         `verify`, matched its checksum; a replica that does not is dropped from the pool). A block of another

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import torch
 
-from tsukimi.kvpool.block_keys import block_keys
+from tsukimi.kvpool.block_keys import BlockKey, block_keys
 from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, KVLayout
 from tsukimi.kvpool.pool_client import PoolClient
@@ -130,7 +130,7 @@ class PrefixCache:
             return None
         return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(num)])
 
-    async def _read(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, size: int
+    async def _read(self, client: PoolClient, keys: list[BlockKey], staging: np.ndarray, size: int
                     ) -> list[bool] | None:
         local = self.transfer.register(staging)
         try:
@@ -163,7 +163,7 @@ class PrefixCache:
         checksums = [block_checksum(staging[o:o + size]) for o in offsets]
         return await asyncio.shield(self._write(client, keys, staging, offsets, size, checksums))
 
-    async def _write(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, offsets: list[int],
+    async def _write(self, client: PoolClient, keys: list[BlockKey], staging: np.ndarray, offsets: list[int],
                      size: int, checksums: list[str]) -> int:
         local = self.transfer.register(staging, read_only=True)
         try:
