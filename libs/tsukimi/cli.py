@@ -38,7 +38,7 @@ def _run_service(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tsukimi.common import grpc_defaults
+    from tsukimi.kvpool import grpc_defaults
 
     grpc_defaults.apply()  # NOTE: before anything below imports grpc (services and benchmarks alike).
     parser = argparse.ArgumentParser(prog="tsukimi", description="KVCache-centric disaggregated LLM serving")

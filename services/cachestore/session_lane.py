@@ -1,7 +1,7 @@
 """The session lane: `CacheStore.Session`'s messages over a plain TCP stream, beside the gRPC API.
 
 The same `SessionRequest` / `SessionReply` protobufs (libs/tsukimi/proto/cachestore.proto), framed as
-`tsukimi.common.session_lane` says, after the transfer engine's mutual HMAC handshake with the cluster secret.
+`tsukimi.kvpool.session_lane` says, after the transfer engine's mutual HMAC handshake with the cluster secret.
 Every message is answered by the servicer's own `answer`, as on the gRPC stream; a refusal is sent as a
 `SessionReply.error` and ends the connection (as an abort ends the gRPC stream). When the instance's pool goes
 (it stops being the master, or starts a new pool), its open sessions end with UNAVAILABLE, on both ways: what its
@@ -24,7 +24,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from tsukimi.cachestore.servicer import CacheStoreServicer
-from tsukimi.common import session_lane as lane
+from tsukimi.kvpool import session_lane as lane
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.transfer import wire
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import (BigInteger, Column, Float, LargeBinary, MetaData, String, Table, create_engine,
                         delete, insert, select)
 
-from tsukimi.common.checksum import block_checksum, checksum_matches
+from tsukimi.kvpool.checksum import block_checksum, checksum_matches
 
 metadata = MetaData()
 
@@ -29,7 +29,7 @@ ssd_blocks_table = Table(
     # Chained block key (opaque bytes).
     Column("key", LargeBinary, primary_key=True),
     Column("size", BigInteger, nullable=False),
-    # tsukimi.common.checksum.block_checksum of the bytes, as given by the writer (verified by checksum_matches).
+    # tsukimi.kvpool.checksum.block_checksum of the bytes, as given by the writer (verified by checksum_matches).
     Column("checksum", String(64), nullable=False),
     # Unix time of the write.
     Column("stored_at", Float, nullable=False),

@@ -21,12 +21,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.logs import request_id_var
-from tsukimi.common.block_keys import block_keys
+from tsukimi.kvpool.block_keys import block_keys
 from tsukimi.common.messages import (
     CancelRequest, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
     SubmitReply, TaskAck, decode, encode,
 )
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings

@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-from tsukimi.common.block_keys import block_keys
+from tsukimi.kvpool.block_keys import block_keys
 from tsukimi.common.messages import KVLayout
 from tsukimi.model.kv import join_blocks, split_blocks
 

@@ -70,7 +70,8 @@ class DecodeEngine:
         self.num_context_tokens = 0
         # Preemptions so far.
         self.num_preempted = 0
-        # Called with each finished (not cancelled) sequence before its blocks are freed, in the step's thread.
+        # Called with each finished (not cancelled) sequence before its blocks are freed, in the step's thread; the
+        # ids it takes out of `seq.block_ids` are not freed (it frees them itself, later).
         self.on_finish: Callable[[Sequence], None] | None = None
 
     @property

@@ -31,7 +31,7 @@ from tsukimi.decode.kv_inbox import KVInbox, KVRefused
 from tsukimi.model.kv import block_layout
 from tsukimi.model.loader import load_model
 from tsukimi.model.spec import max_model_len
-from tsukimi.prefill.prefix_cache import PrefixCache
+from tsukimi.kvpool.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import NatsMetadataStore
 
@@ -66,6 +66,9 @@ class DecodeService:
         # worker's in-process cache).
         self.cache: PrefixCache | None = cache
         self._has_own_cache = cache is not None
+        # Whether finished blocks go to the pool straight from the arena (set in `run`): with the pool's cache, and
+        # unless this engine offers rdma, which cannot read the guarded (so unregistered for rdma) arena.
+        self._can_store_from_arena = False
         # Background stores of finished sequences' blocks, awaited (briefly) on shutdown.
         self._stores: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -172,21 +175,44 @@ class DecodeService:
             FREED.labels("released").inc()
 
     def _keep_blocks(self, seq: Sequence) -> None:
-        """In the step's thread, before `seq`'s blocks are freed: copies its full blocks beyond the prompt's and
-        has them stored in the background."""
-        bt = self.engine.kv.block_tokens
+        """In the step's thread, before `seq`'s blocks are freed: has its full blocks beyond the prompt's stored in
+        the background, straight from the arena (kept out of the free list until written), or from a copy where
+        the pool cannot be written from the arena (see `_can_store_from_arena`)."""
+        kv = self.engine.kv
+        bt = kv.block_tokens
         num_full = len(seq.token_ids) // bt
         num_prompt_blocks = (len(seq.token_ids) - seq.num_output + 1) // bt
         if self.cache is None or not self.cache.is_available or self._loop is None or num_full <= num_prompt_blocks:
             return
-        kv = self.engine.kv.read(seq.block_ids[:num_full], num_full * bt)
         tokens = seq.token_ids[:num_full * bt]
-        self._loop.call_soon_threadsafe(self._store, tokens, kv, num_prompt_blocks)
+        if not self._can_store_from_arena:
+            copied = kv.read(seq.block_ids[:num_full], num_full * bt)
+            self._loop.call_soon_threadsafe(self._store, tokens, copied, num_prompt_blocks)
+            return
+        # NOTE: taken from the sequence: the engine frees only the blocks left in `seq.block_ids`.
+        kept = seq.block_ids[num_prompt_blocks:num_full]
+        seq.block_ids = seq.block_ids[:num_prompt_blocks] + seq.block_ids[num_full:]
+        self._loop.call_soon_threadsafe(self._store_from_arena, tokens, kept, num_prompt_blocks)
 
     def _store(self, tokens: list[int], kv, num_prompt_blocks: int) -> None:
+        self._spawn_store(self.cache.store(tokens, kv, num_prompt_blocks))
+
+    def _store_from_arena(self, tokens: list[int], block_ids: list[int], num_prompt_blocks: int) -> None:
+        kv = self.engine.kv
+
+        async def store() -> int:
+            try:
+                return await self.cache.store_blocks(tokens, self.arena, [kv.offset_of(b) for b in block_ids],
+                                                     kv.block_bytes, num_prompt_blocks)
+            finally:
+                kv.manager.free(block_ids)
+
+        self._spawn_store(store())
+
+    def _spawn_store(self, stored) -> None:
         async def store() -> None:
             try:
-                STORED_BLOCKS.inc(await self.cache.store(tokens, kv, num_prompt_blocks))
+                STORED_BLOCKS.inc(await stored)
             except Exception as exc:  # NOTE: storing is best effort; the request is already served.
                 log.warning("storing KV blocks failed: %s", exc)
 
@@ -219,6 +245,8 @@ class DecodeService:
                                      self.settings.secret_bytes(), self.settings.cache_hold_leases,
                                      self.settings.cache_reserve_bytes)
             await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
+            self._can_store_from_arena = (self.arena.mr is not None
+                                          or "rdma" not in self.transfer.descriptor().transports)
         await self.nc.subscribe(subjects.decode_reserve(self.instance_id), cb=self._on_reserve)
         await self.nc.subscribe(subjects.decode_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.decode_release(self.instance_id), cb=self._on_release)

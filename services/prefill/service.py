@@ -34,7 +34,7 @@ from tsukimi.prefill.chunk_scheduler import ChunkScheduler
 from tsukimi.prefill.engine import PrefillEngine, PrefillJob, PrefillStopped
 from tsukimi.prefill.held_reservations import HeldReservations
 from tsukimi.prefill.kv_stream import KVStream
-from tsukimi.prefill.prefix_cache import PrefixCache
+from tsukimi.kvpool.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
 from tsukimi.transfer.metadata import NatsMetadataStore
 

@@ -22,10 +22,10 @@ import sqlalchemy
 from tsukimi.cachestore.service import ssd_owner
 from tsukimi.cachestore.ssd_tier import ssd_blocks_table
 from tsukimi.common import subjects
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, decode, encode
 from tsukimi.common.natsserver import free_port
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine

@@ -183,9 +183,9 @@ async def _corrupt_block_is_a_miss_and_its_replica_is_dropped(nc, beat: Heartbea
     import numpy as np
     import torch
 
-    from tsukimi.common.block_keys import block_keys
+    from tsukimi.kvpool.block_keys import block_keys
     from tsukimi.common.messages import KVLayout
-    from tsukimi.prefill.prefix_cache import PrefixCache
+    from tsukimi.kvpool.prefix_cache import PrefixCache
     from tsukimi.proto import cachestore_pb2 as pb
     from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
     from tsukimi.transfer.engine import TransferEngine

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from tsukimi.common.block_keys import block_keys, root_key
+from tsukimi.kvpool.block_keys import block_keys, root_key
 
 
 def test_only_full_blocks_and_exact_chain():

@@ -4,7 +4,7 @@ import zlib
 
 import numpy as np
 
-from tsukimi.common.checksum import block_checksum, checksum_matches
+from tsukimi.kvpool.checksum import block_checksum, checksum_matches
 
 
 def test_the_checksum_is_xxh3_of_the_bytes_whatever_holds_them():

@@ -6,7 +6,7 @@ import pytest
 
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import BlockStored, Heartbeat, PoolEvents, PoolSnapshot
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.conductor.cluster import DEFAULT_COST, ClusterView
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request

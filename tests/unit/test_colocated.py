@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tsukimi.common.block_keys import block_keys
+from tsukimi.kvpool.block_keys import block_keys
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import Heartbeat
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance

@@ -4,7 +4,7 @@ there yet; a request larger than every arena is rejected at once. Exact expectat
 
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import Heartbeat
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
 

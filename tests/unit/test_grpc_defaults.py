@@ -1,4 +1,4 @@
-from tsukimi.common import grpc_defaults
+from tsukimi.kvpool import grpc_defaults
 
 
 def test_experiments_are_named_only_for_the_measured_grpcio_minor_version():

@@ -12,7 +12,7 @@ from tsukimi.cachestore.master import PoolMaster
 from tsukimi.cachestore.member import LocalMember
 from tsukimi.cachestore.pool import Instance, Pool, PutSpec
 from tsukimi.cachestore.ssd_tier import SsdTier
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.messages import BlockRemoved, BlockStored
 from tsukimi.transfer.engine import TransferEngine
 from tsukimi.transfer.metadata import MemoryMetadataStore

@@ -15,9 +15,9 @@ from tsukimi.cachestore.member import LocalMember
 from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
-from tsukimi.common.checksum import block_checksum
-from tsukimi.common.pool_client import PoolClient
-from tsukimi.common.pool_session import PoolSession
+from tsukimi.kvpool.checksum import block_checksum
+from tsukimi.kvpool.pool_client import PoolClient
+from tsukimi.kvpool.pool_session import PoolSession
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer.engine import TransferEngine

@@ -1,5 +1,5 @@
 from tsukimi.common.messages import BlockRemoved, BlockStored, PoolEvents, PoolSnapshot
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 
 
 def stored(key: bytes, instance_id: str = "a", tier: str = "dram") -> BlockStored:

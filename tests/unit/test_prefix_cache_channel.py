@@ -4,7 +4,7 @@ import asyncio
 
 import grpc
 
-from tsukimi.prefill.prefix_cache import PrefixCache
+from tsukimi.kvpool.prefix_cache import PrefixCache
 
 
 async def test_switching_masters_closes_the_old_channel():

@@ -15,9 +15,9 @@ from tsukimi.cachestore.member import LocalMember
 from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
-from tsukimi.common import session_lane as lane_wire
+from tsukimi.kvpool import session_lane as lane_wire
 from tsukimi.common.natsserver import free_port
-from tsukimi.common.pool_session import PoolSession
+from tsukimi.kvpool.pool_session import PoolSession
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer import wire
@@ -106,7 +106,7 @@ async def test_no_lane_or_an_unreachable_one_falls_back_to_the_grpc_stream(env, 
     await session.close()
     servicer.lane_address = f"127.0.0.1:{free_port()}"  # nothing listens there
     session = PoolSession(stub, SECRET)
-    with caplog.at_level(logging.WARNING, logger="tsukimi.common.pool_session"):
+    with caplog.at_level(logging.WARNING, logger="tsukimi.kvpool.pool_session"):
         await session.BatchPutEnd(pb.KeysRequest(), timeout=5)
     assert session.transport == "grpc"
     assert "cannot be used" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy
 
 from tsukimi.cachestore.ssd_tier import SsdBlock, SsdError, SsdTier, ssd_blocks_table
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.checksum import block_checksum
 
 POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

@@ -20,10 +20,10 @@ import time
 import grpc
 import numpy as np
 
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.natsserver import NatsServer, free_port
-from tsukimi.common.pool_client import PoolClient
-from tsukimi.common.pool_session import PoolSession
+from tsukimi.kvpool.pool_client import PoolClient
+from tsukimi.kvpool.pool_session import PoolSession
 from tsukimi.common.settings import Settings
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc

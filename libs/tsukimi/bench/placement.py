@@ -11,7 +11,7 @@ import time
 
 from tsukimi.common.cost_model import roofline
 from tsukimi.common.messages import BlockStored, Heartbeat, PoolEvents, PoolSnapshot
-from tsukimi.common.pool_view import PoolView
+from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
 

@@ -1,5 +1,5 @@
 """Round trips of `CacheStore.Session` messages between two processes, with grpc's defaults and with the settings
-tsukimi starts with (`tsukimi.common.grpc_defaults`), interleaved, and the same messages on the session lane
+tsukimi starts with (`tsukimi.kvpool.grpc_defaults`), interleaved, and the same messages on the session lane
 (`lane_*`, no gRPC): what one metadata call of the pool costs on the wire and in grpc, before any pool work (the
 server answers empty put ends and gets of unknown keys), beside a 100-byte asyncio echo between the same two
 processes (the floor of any protocol on an asyncio loop; scripts/bench-loopback.sh rtt gives the C one).
@@ -20,7 +20,7 @@ import sys
 import time
 from importlib import metadata
 
-from tsukimi.common import grpc_defaults
+from tsukimi.kvpool import grpc_defaults
 from tsukimi.common.natsserver import free_port
 
 _SECRET = b"session-rtt"
@@ -61,7 +61,7 @@ class _Echo(asyncio.Protocol):
 async def _measure(port: int, echo_port: int, num: int) -> dict:
     import grpc
 
-    from tsukimi.common.pool_session import PoolSession
+    from tsukimi.kvpool.pool_session import PoolSession
     from tsukimi.proto import cachestore_pb2 as pb
     from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 

@@ -27,7 +27,7 @@ import socket
 
 import grpc
 
-from tsukimi.common import session_lane as lane
+from tsukimi.kvpool import session_lane as lane
 from tsukimi.proto import cachestore_pb2 as pb
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
 from tsukimi.transfer import wire

@@ -1,10 +1,13 @@
-"""Prefill's use of the KV cache pool: load the longest cached prefix of a prompt, store the blocks it computed.
+"""The model workers' use of the KV cache pool (prefill's and decode's): load the longest cached prefix of a
+prompt, store the blocks computed.
 
 Through `PoolClient` over a `PoolSession` (the calls `tsukimi bench cachestore` measures; on the master's
 session lane when given the cluster secret): a load is one
 prefix BatchGet (the leading run of present blocks, leased) and the reads; a store is one BatchPutStart and the
-writes; put ends and lease releases ride on the next call. Block bytes move through the transfer engine. Any
-failure to reach the pool degrades to computing the whole prompt: the pool is an accelerator, never a dependency.
+writes (from a staging buffer the KV is packed into, or straight from a registered arena already in the pool's
+block layout: `store_blocks`); put ends and lease releases ride on the next call. Block bytes move through the
+transfer engine. Any failure to reach the pool degrades to computing the whole prompt: the pool is an
+accelerator, never a dependency.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ import grpc
 import numpy as np
 import torch
 
-from tsukimi.common.block_keys import block_keys
-from tsukimi.common.checksum import block_checksum
+from tsukimi.kvpool.block_keys import BlockKey, block_keys
+from tsukimi.kvpool.checksum import block_checksum
 from tsukimi.common.messages import Heartbeat, KVLayout
-from tsukimi.common.pool_client import PoolClient
-from tsukimi.common.pool_session import PoolSession
+from tsukimi.kvpool.pool_client import PoolClient
+from tsukimi.kvpool.pool_session import PoolSession
 from tsukimi.model.kv import join_blocks, layout_of, to_blocks
 from tsukimi.proto import cachestore_pb2_grpc as pb_grpc
-from tsukimi.transfer.engine import TransferEngine
+from tsukimi.transfer.engine import LocalBuffer, TransferEngine
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ class PrefixCache:
             return None
         return join_blocks(block_layout, [staging[i * size:(i + 1) * size] for i in range(num)])
 
-    async def _read(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, size: int
+    async def _read(self, client: PoolClient, keys: list[BlockKey], staging: np.ndarray, size: int
                     ) -> list[bool] | None:
         local = self.transfer.register(staging)
         try:
@@ -162,17 +165,45 @@ class PrefixCache:
         checksums = [block_checksum(staging[o:o + size]) for o in offsets]
         return await asyncio.shield(self._write(client, keys, staging, offsets, size, checksums))
 
-    async def _write(self, client: PoolClient, keys: list[bytes], staging: np.ndarray, offsets: list[int],
+    async def store_blocks(self, prompt: list[int], arena: LocalBuffer, offsets: list[int], block_bytes: int,
+                           num_cached_blocks: int) -> int:
+        """As `store`, for blocks that already lie in the pool's block layout in `arena`, a buffer the transfer
+        engine registered (decode's KV blocks): they are written to the pool straight from there, no copy.
+        `offsets[i]` is where block `num_cached_blocks + i` of `prompt` starts in it. The blocks must not change
+        until this returns; it returns only once their writes are over, even when its caller is cancelled."""
+        client = self._client
+        if client is None:
+            return 0
+        keys = block_keys(prompt, self.block_tokens, self.model)[num_cached_blocks:][:len(offsets)]
+        if not keys:
+            return 0
+        offsets = offsets[:len(keys)]
+        array = arena.array
+        checksums = [block_checksum(array[o:o + block_bytes]) for o in offsets]
+        write = asyncio.ensure_future(self._put(client, keys, arena, offsets, block_bytes, checksums))
+        try:
+            return await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])  # NOTE: the caller may reuse the blocks once this returns.
+            raise
+
+    async def _write(self, client: PoolClient, keys: list[BlockKey], staging: np.ndarray, offsets: list[int],
                      size: int, checksums: list[str]) -> int:
         local = self.transfer.register(staging, read_only=True)
+        try:
+            return await self._put(client, keys, local, offsets, size, checksums)
+        finally:
+            self.transfer.unregister(local)
+
+    @staticmethod
+    async def _put(client: PoolClient, keys: list[BlockKey], local: LocalBuffer, offsets: list[int], size: int,
+                   checksums: list[str]) -> int:
         try:
             # NOTE: blocks the pool holds already (or had no room for) come back False: nothing written.
             written = await client.put_many(keys, local, offsets, [size] * len(keys), checksums)
         except grpc.aio.AioRpcError as exc:
             log.info("cache puts refused: %s", exc.details())
             return 0
-        finally:
-            self.transfer.unregister(local)
         return sum(written)
 
 

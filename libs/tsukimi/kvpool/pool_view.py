@@ -12,6 +12,7 @@ import itertools
 import operator
 
 from tsukimi.common.messages import BlockRemoved, BlockStored, PoolEvents, PoolSnapshot
+from tsukimi.kvpool.block_keys import BlockKey
 
 Holder = tuple[str, str]
 
@@ -33,11 +34,11 @@ class PoolView:
         self.seq = 0
         self._needs_resync = True
         self._buffered: list[PoolEvents] = []
-        self._holders: dict[bytes, set[Holder]] = {}
-        self._keys_by_instance: dict[str, set[bytes]] = {}
+        self._holders: dict[BlockKey, set[Holder]] = {}
+        self._keys_by_instance: dict[str, set[BlockKey]] = {}
         # The same holders as a bit mask per key (one bit per holder ever seen): prefix matching walks a long
         # prompt's keys with one AND each.
-        self._masks: dict[bytes, int] = {}
+        self._masks: dict[BlockKey, int] = {}
         self._bits: dict[Holder, int] = {}
         self._holder_of_bit: list[Holder] = []
 
@@ -98,7 +99,7 @@ class PoolView:
 
     # ---- queries -------------------------------------------------------------------------------------
 
-    def num_leading(self, keys: list[bytes]) -> dict[str, dict[str, int]]:
+    def num_leading(self, keys: list[BlockKey]) -> dict[str, dict[str, int]]:
         """For each instance and tier, how many leading `keys` it holds (the shape of the master's
         `lookup_prefix`); tiers holding none of them, starting from the first, are left out."""
         if not keys:
@@ -126,7 +127,7 @@ class PoolView:
                 bit += 1
         return result
 
-    def holders(self, key: bytes) -> set[Holder]:
+    def holders(self, key: BlockKey) -> set[Holder]:
         """(instance, tier) of every replica of `key`; empty when it has none."""
         return set(self._holders.get(key, ()))
 
@@ -164,12 +165,12 @@ class PoolView:
             self._holder_of_bit.append(holder)
         return bit
 
-    def _store(self, key: bytes, instance_id: str, tier: str) -> None:
+    def _store(self, key: BlockKey, instance_id: str, tier: str) -> None:
         self._holders.setdefault(key, set()).add((instance_id, tier))
         self._keys_by_instance.setdefault(instance_id, set()).add(key)
         self._masks[key] = self._masks.get(key, 0) | (1 << self._bit((instance_id, tier)))
 
-    def _remove(self, key: bytes, instance_id: str, tier: str) -> None:
+    def _remove(self, key: BlockKey, instance_id: str, tier: str) -> None:
         holders = self._holders.get(key)
         if holders is None or (instance_id, tier) not in holders:
             return
