@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cachestore_bench.print_results(cachestore_bench.run(args), args.json)
         return 0
     if args.command == "bench":
-        if args.compare:
-            from tsukimi.bench import compare
-
-            compare.print_result(compare.run(args), args.json)
-        else:
-            transfer_bench.print_result(transfer_bench.run(args), args.json)
+        transfer_bench.print_result(transfer_bench.run(args), args.json)
         return 0
     if args.command in SERVICES:
         return _run_service(args.command)
