@@ -8,6 +8,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
+COPY bench ./bench
+COPY sim ./sim
 # Only this service's extra.
 RUN pip install ".[gateway]"
 

@@ -32,7 +32,7 @@ print(" ".join("%s %.3f" % (d["op"], d["gb_per_s"]) + (" (held %.2f)" % d["held_
 for round in $(seq "$ROUNDS"); do
   for threads in $THREADS; do
     echo -n "round $round mooncake-store$([ "$threads" = 1 ] || echo " x$threads"): "
-    "$PY" -m tsukimi.bench.mooncake_store --block-size "$BLOCK" --num-blocks 256 $BATCH --api buffer --duration 3 \
+    "$PY" -m harness.mooncake.store --block-size "$BLOCK" --num-blocks 256 $BATCH --api buffer --duration 3 \
       --threads "$threads" --json 2>/dev/null | "$PY" -c "$summary"
   done
   for mode in "${MODES[@]}"; do

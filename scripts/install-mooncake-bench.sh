@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the optional dependency of `tsukimi.bench.mooncake`: Mooncake's Transfer Engine wheel
+# Install the optional dependency of the harnesses in harness/mooncake/: Mooncake's Transfer Engine wheel
 # (which ships the `transfer_engine_bench` binary) and the Debian shared libraries it loads.
 #
 #   PYTHON=/work/venv/bin/python scripts/install-mooncake-bench.sh

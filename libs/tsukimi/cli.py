@@ -1,14 +1,76 @@
-"""The `tsukimi` command: one subcommand per service, plus `up` (the whole system) and `version`."""
+"""The `tsukimi` command: one subcommand per service, plus `up` (the whole system), `model`, `bench` and `sim`.
+
+A subcommand's module is imported only when that subcommand runs or shows its own `--help`, so `tsukimi --help`
+and the light subcommands (`sim`, `model`, ...) work without the extras the others need (grpc, torch, nats).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 SERVICES = ("gateway", "conductor", "prefill", "decode", "cachestore")
 # Services that load the model (they have torch) and so may pull and convert one that is not in the cache yet.
 WORKERS = ("prefill", "decode")
+
+
+def _returned(module: ModuleType, args: argparse.Namespace) -> int:
+    return module.run(args)
+
+
+def _up(module: ModuleType, args: argparse.Namespace) -> int:
+    return module.up(args)
+
+
+def _printed(print_name: str) -> Callable[[ModuleType, argparse.Namespace], int]:
+    def run(module: ModuleType, args: argparse.Namespace) -> int:
+        getattr(module, print_name)(module.run(args), args.json)
+        return 0
+
+    return run
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand whose module is imported when it is chosen: `add` fills its parser, `run` runs it."""
+
+    module: str
+    help: str
+    add: str = "add_arguments"
+    run: Callable[[ModuleType, argparse.Namespace], int] = _returned
+
+
+COMMANDS = {
+    "up": Command("tsukimi.launcher", "start the whole system: NATS, every service, the API", add="add_up_arguments",
+                  run=_up),
+    "model": Command("tsukimi.model.cli", "pull a known model or convert a GGUF; list the cache"),
+}
+BENCHES = {
+    "transfer": Command("tsukimi.bench.transfer", "transfer engine throughput between two processes",
+                        run=_printed("print_result")),
+    "cachestore": Command("tsukimi.bench.cachestore", "put/get throughput of the KV cache pool",
+                          run=_printed("print_results")),
+    "placement": Command("tsukimi.bench.placement", "time of one conductor placement decision",
+                         run=_printed("print_result")),
+    "serve": Command("tsukimi.bench.serve",
+                     "load an OpenAI-compatible endpoint (trace replay or synthetic): TTFT, TBT, capacity"),
+    "generate": Command("tsukimi.bench.vs_generate",
+                        "a running server beside transformers' generate on the same prompts: TTFT, TBT, tokens/s"),
+}
+SIMS = {
+    "cache": Command("tsukimi.sim.cache", "replay a trace's hash_ids through the pool's index"),
+    "serve": Command("tsukimi.sim.serve",
+                     "replay a trace through the conductor's placement on modelled prefill/decode instances"),
+}
+# Subcommands with subcommands of their own (`dest`: the group's name): its help, its subcommands.
+GROUPS = {
+    "bench": ("benchmarks that print numbers", BENCHES),
+    "sim": ("simulations that run the services' own policy code", SIMS),
+}
 
 
 def _run_service(name: str) -> int:
@@ -37,74 +99,45 @@ def _run_service(name: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tsukimi.kvpool import grpc_defaults
+def _add(sub: argparse._SubParsersAction, name: str, command: Command, is_chosen: bool) -> None:
+    parser = sub.add_parser(name, help=command.help)
+    if is_chosen:
+        getattr(importlib.import_module(command.module), command.add)(parser)
 
-    grpc_defaults.apply()  # NOTE: before anything below imports grpc (services and benchmarks alike).
+
+def _parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The whole command line; only the chosen subcommand's module is imported to fill in its arguments.
+
+    NOTE: neither `tsukimi` nor `tsukimi bench|sim` takes an option with a value, so the chosen names are the
+    first words of `argv` that do not start with a dash."""
+    words = [word for word in argv if not word.startswith("-")][:2]
+    chosen, leaf = (words + [None, None])[:2]
     parser = argparse.ArgumentParser(prog="tsukimi", description="KVCache-centric disaggregated LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SERVICES:
         sub.add_parser(name, help=f"run one {name} instance (configured by TSUKIMI_* env vars)")
-    from tsukimi.launcher import add_up_arguments
+    for name, command in COMMANDS.items():
+        _add(sub, name, command, name == chosen)
+    for name, (help_text, commands) in GROUPS.items():
+        group = sub.add_parser(name, help=help_text).add_subparsers(dest=name, required=True)
+        for leaf_name, command in commands.items():
+            _add(group, leaf_name, command, name == chosen and leaf_name == leaf)
+    return parser
 
-    add_up_arguments(sub.add_parser("up", help="start the whole system: NATS, every service, the API"))
-    from tsukimi.model import cli as model_cli
 
-    model_cli.add_arguments(sub.add_parser("model", help="pull a known model or convert a GGUF; list the cache"))
-    bench = sub.add_parser("bench", help="benchmarks that print numbers").add_subparsers(dest="bench", required=True)
-    from tsukimi.bench import transfer as transfer_bench
+def main(argv: list[str] | None = None) -> int:
+    from tsukimi.kvpool import grpc_defaults
 
-    transfer_bench.add_arguments(bench.add_parser("transfer", help="transfer engine throughput between two processes"))
-    from tsukimi.bench import cachestore as cachestore_bench
-
-    cachestore_bench.add_arguments(bench.add_parser("cachestore", help="put/get throughput of the KV cache pool"))
-    from tsukimi.bench import placement as placement_bench
-
-    placement_bench.add_arguments(bench.add_parser("placement", help="time of one conductor placement decision"))
-    from tsukimi.bench import serve as serve_bench
-    from tsukimi.bench import vs_generate as generate_bench
-
-    serve_bench.add_arguments(bench.add_parser(
-        "serve", help="load an OpenAI-compatible endpoint (trace replay or synthetic): TTFT, TBT, capacity"))
-    generate_bench.add_arguments(bench.add_parser(
-        "generate", help="a running server beside transformers' generate on the same prompts: TTFT, TBT, tokens/s"))
-    sim = sub.add_parser("sim", help="simulations that run the services' own policy code").add_subparsers(
-        dest="sim", required=True)
-    from tsukimi.sim import cache as cache_sim
-
-    cache_sim.add_arguments(sim.add_parser("cache", help="replay a trace's hash_ids through the pool's index"))
-    from tsukimi.sim import serve as serve_sim
-
-    serve_sim.add_arguments(sim.add_parser(
-        "serve", help="replay a trace through the conductor's placement on modelled prefill/decode instances"))
-    args = parser.parse_args(argv)
-    if args.command == "model":
-        return model_cli.run(args)
-    if args.command == "sim":
-        return serve_sim.run(args) if args.sim == "serve" else cache_sim.run(args)
-    if args.command == "bench" and args.bench == "placement":
-        placement_bench.print_result(placement_bench.run(args), args.json)
-        return 0
-    if args.command == "bench" and args.bench == "serve":
-        return serve_bench.run(args)
-    if args.command == "bench" and args.bench == "generate":
-        return generate_bench.run(args)
-    if args.command == "bench" and args.bench == "cachestore":
-        cachestore_bench.print_results(cachestore_bench.run(args), args.json)
-        return 0
-    if args.command == "bench":
-        if args.compare:
-            from tsukimi.bench import compare
-
-            compare.print_result(compare.run(args), args.json)
-        else:
-            transfer_bench.print_result(transfer_bench.run(args), args.json)
-        return 0
+    grpc_defaults.apply()  # NOTE: before anything below imports grpc (services and benchmarks alike).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)
     if args.command in SERVICES:
         return _run_service(args.command)
-    from tsukimi.launcher import up
-
-    return up(args)
+    if args.command in GROUPS:
+        command = GROUPS[args.command][1][getattr(args, args.command)]
+    else:
+        command = COMMANDS[args.command]
+    return command.run(importlib.import_module(command.module), args)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ class Launcher:
 
     def _start(self, service: str, env: dict[str, str]) -> subprocess.Popen:
         # NOTE: the colocated worker is not a `tsukimi` subcommand of its own; it runs as a module.
-        command = ["-m", "tsukimi.decode.colocated"] if service == "colocated" else ["-m", "tsukimi", service]
+        command = ["-m", "tsukimi.colocated"] if service == "colocated" else ["-m", "tsukimi", service]
         return subprocess.Popen([sys.executable, *command], env=env, preexec_fn=_die_with_parent)
 
     def _spawn(self, name: str, service: str, env: dict[str, str]) -> None:

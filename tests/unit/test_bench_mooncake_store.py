@@ -1,4 +1,4 @@
-"""Helpers of tsukimi.bench.mooncake_store, on log lines captured from real runs.
+"""Helpers of the Mooncake Store harness (harness/mooncake/store*.py), on log lines captured from real runs.
 
 Samples come from `mooncake-transfer-engine-non-cuda` 0.3.13.post1 (mooncake_master with its
 built-in HTTP metadata server). Nothing here needs Mooncake; the one real run is skipped when the
@@ -11,27 +11,30 @@ import math
 import os
 
 import pytest
-from tsukimi.bench import mooncake_store as ms
-from tsukimi.bench.mooncake_store import (
-    API_CALLS,
-    MooncakeStoreBenchError,
-    MooncakeStoreUnavailable,
-    check_status,
-    chunks,
-    effective_batch_size,
-    latency_summary,
-    loader_error,
-    make_keys,
-    make_result,
+from harness.mooncake import store as ms
+from harness.mooncake.store_master import (
+    ENV_MASTER,
+    find_master_binary,
     master_command,
     master_fatal_line,
+    parse_master_ready,
+)
+from harness.mooncake.store_results import check_status, latency_summary, make_result, percentile, throughput
+from harness.mooncake.store_spec import (
+    API_CALLS,
+    APIS,
+    DEFAULT_BATCH_SIZE,
+    OPS,
+    MooncakeStoreBenchError,
+    MooncakeStoreUnavailable,
+    chunks,
+    effective_batch_size,
+    make_keys,
     memcpy_env,
     metadata_server_url,
-    parse_master_ready,
-    percentile,
     segment_sizes,
-    throughput,
 )
+from harness.mooncake.wheel import loader_error
 
 MASTER_LOG = """\
 WARNING: Logging before InitGoogleLogging() is written to STDERR
@@ -101,7 +104,7 @@ def test_memcpy_env():
 
 def test_effective_batch_size():
     assert effective_batch_size(False, 64, 256) == 1
-    assert effective_batch_size(True, None, 256) == ms.DEFAULT_BATCH_SIZE
+    assert effective_batch_size(True, None, 256) == DEFAULT_BATCH_SIZE
     assert effective_batch_size(True, 64, 16) == 16
     assert effective_batch_size(True, 8, 256) == 8
     with pytest.raises(ValueError):
@@ -152,9 +155,9 @@ def test_throughput_and_result():
 
 
 def test_api_calls_cover_every_combination():
-    for api in ms.APIS:
+    for api in APIS:
         for batch in (False, True):
-            for op in ms.OPS:
+            for op in OPS:
                 assert (api, batch, op) in API_CALLS
 
 
@@ -169,9 +172,9 @@ def test_check_status():
 
 
 def test_master_override_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv(ms.ENV_MASTER, str(tmp_path / "nope"))
+    monkeypatch.setenv(ENV_MASTER, str(tmp_path / "nope"))
     with pytest.raises(MooncakeStoreUnavailable):
-        ms.find_master_binary()
+        find_master_binary()
 
 
 def test_bad_arguments_rejected_before_starting_anything():

@@ -7,16 +7,15 @@ The samples come from `mooncake-transfer-engine-non-cuda` 0.3.13.post1 on this p
 from __future__ import annotations
 
 import pytest
-from tsukimi.bench import mooncake
-from tsukimi.bench.mooncake import (
-    MooncakeUnavailable,
-    loader_error,
+from harness.mooncake import engine
+from harness.mooncake.engine_log import (
     parse_rpc_endpoint,
     parse_rpc_port,
     parse_throughput,
     target_buffers_started,
     to_gb_per_s,
 )
+from harness.mooncake.wheel import MooncakeUnavailable, loader_error
 
 # A target started with --local_server_name=127.0.0.1:12345: it listens for RPC on 16171, not 12345.
 TARGET_LOG = """\
@@ -169,9 +168,9 @@ def test_loader_error():
 
 
 def test_unavailable_when_override_missing(monkeypatch, tmp_path):
-    monkeypatch.setenv(mooncake.ENV_BINARY, str(tmp_path / "nope"))
+    monkeypatch.setenv(engine.ENV_BINARY, str(tmp_path / "nope"))
     with pytest.raises(MooncakeUnavailable):
-        mooncake.run_mooncake_bench(duration_s=1)
+        engine.run_mooncake_bench(duration_s=1)
 
 
 def test_unavailable_when_libraries_missing(monkeypatch, tmp_path):
@@ -182,14 +181,14 @@ def test_unavailable_when_libraries_missing(monkeypatch, tmp_path):
         'No such file or directory" >&2\nexit 127\n'
     )
     fake.chmod(0o755)
-    monkeypatch.setenv(mooncake.ENV_BINARY, str(fake))
+    monkeypatch.setenv(engine.ENV_BINARY, str(fake))
     with pytest.raises(MooncakeUnavailable, match="librdmacm.so.1"):
-        mooncake.run_mooncake_bench(duration_s=1)
+        engine.run_mooncake_bench(duration_s=1)
 
 
 def test_memcpy_smoke():
     pytest.importorskip("numpy")
-    from tsukimi.bench.memcpy import measure_memcpy
+    from harness.mooncake.memcpy import measure_memcpy
 
     r = measure_memcpy(1 << 20, repeats=3)
     assert r["system"] == "memcpy" and r["size_bytes"] == 1 << 20 and len(r["samples_gb_per_s"]) == 3
@@ -231,8 +230,8 @@ def test_run_against_a_fake_bench_uses_the_logged_rpc_port(monkeypatch, tmp_path
         )
     )
     fake.chmod(0o755)
-    monkeypatch.setenv(mooncake.ENV_BINARY, str(fake))
-    r = mooncake.run_mooncake_bench(op="read", block_size=65536, duration_s=1, settle_s=0)
+    monkeypatch.setenv(engine.ENV_BINARY, str(fake))
+    r = engine.run_mooncake_bench(op="read", block_size=65536, duration_s=1, settle_s=0)
     assert r["system"] == "mooncake" and r["transport"] == "tcp" and r["op"] == "read"
     assert (r["block_size"], r["batch_size"], r["threads"]) == (65536, 32, 2)
     assert r["segment_id"] == "127.0.0.1:16171"

@@ -13,7 +13,7 @@ from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import Heartbeat
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
-from tsukimi.decode.colocated import ComputeLock, LocalPrefixCache
+from tsukimi.colocated.service import ComputeLock, LocalPrefixCache
 from tsukimi.model.kv import layout_of
 from tsukimi.model.loader import build_demo_model
 from tsukimi.prefill.engine import PrefillEngine

@@ -1,5 +1,9 @@
-"""`tsukimi bench transfer --compare`: tsukimi's engine beside Mooncake's own TCP bench and memcpy, interleaved in
-one run over several rounds (these machines are noisy: only figures taken side by side compare)."""
+"""tsukimi's transfer engine beside Mooncake's own TCP bench and memcpy, interleaved in one run over several rounds
+(these machines are noisy: only figures taken side by side compare). From the repository root, with the options of
+`tsukimi bench transfer` plus `--rounds`:
+
+    .venv/bin/python -m harness.mooncake.compare --rounds 3 --duration 5 --json
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
 
+from harness.mooncake.engine import run_mooncake_bench
+from harness.mooncake.memcpy import measure_memcpy
+from harness.mooncake.wheel import MooncakeUnavailable
 from tsukimi.bench import loopback, transfer
-from tsukimi.bench.memcpy import measure_memcpy
-from tsukimi.bench.mooncake import MooncakeUnavailable, run_mooncake_bench
 
 
 def memcpy_in_blocks(block_size: int, total: int = 256 << 20, repeats: int = 5) -> float:
@@ -99,3 +105,16 @@ def print_result(result: dict, as_json: bool) -> None:
         print(f"  {key:<30} {value:.2f}x")
     if result["mooncake_unavailable"]:
         print(f"  mooncake: {result['mooncake_unavailable']} (scripts/install-mooncake-bench.sh installs it)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.mooncake.compare", description=__doc__.split("\n")[0])
+    transfer.add_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measurement")
+    args = parser.parse_args(argv)
+    print_result(run(args), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

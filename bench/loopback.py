@@ -1,7 +1,7 @@
 """The ceiling of any TCP transfer engine on this host: bare streaming between two processes over plain sockets
 (a sender process writing `block_size` pieces of a registered-size buffer back to back, this process receiving
 them into its own buffer with MSG_WAITALL), with no requests, responses, headers or bookkeeping. A
-request/response engine over the same loopback cannot go faster; `tsukimi bench transfer --compare` measures it
+request/response engine over the same loopback cannot go faster; `python -m harness.mooncake.compare` measures it
 beside the engines so their ratios can be read against it.
 
     python -m tsukimi.bench.loopback --connections 4 --block-size 1048576 --duration 3

@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -246,30 +245,3 @@ def main(settings) -> None:
         return ok, {"instance_id": name, "waiting": prefill.queue.qsize(), "running": decode_engine.num_running}
 
     run_with_probe("colocated", settings.host, settings.metrics_port, run, health)
-
-
-def _cli() -> int:
-    """`python -m tsukimi.decode.colocated` (how `tsukimi up --colocated` starts it), configured like every
-    service by TSUKIMI_* variables."""
-    from pydantic import ValidationError
-
-    from tsukimi.common.logs import setup_logging
-    from tsukimi.common.settings import Settings
-
-    from tsukimi.model.resolve import ModelUnavailable, resolve_settings
-
-    try:
-        settings = resolve_settings(Settings(), can_pull=True)
-    except ValidationError as exc:
-        print(f"tsukimi colocated: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    except ModelUnavailable as exc:
-        print(f"tsukimi colocated: {exc}", file=sys.stderr)
-        return 2
-    setup_logging("colocated", settings.log_level)
-    main(settings)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

@@ -1,6 +1,6 @@
 """`tsukimi bench cachestore`: put and get throughput of the KV cache pool (metadata over gRPC, bytes through
 the transfer engine) through `PoolClient`, against a cachestore process it starts. Output keys match
-`bench/mooncake_store.py`. `--inflight N` keeps up to N batches under way at once (pipelining: the next batch's
+`harness/mooncake/store.py`. `--inflight N` keeps up to N batches under way at once (pipelining: the next batch's
 metadata call overlaps this batch's copies); the default, 1, runs the batches one after the other. The batch calls
 go as messages of one `CacheStore.Session` stream (`PoolSession`), on the pool's session lane unless `--no-lane`;
 `--unary` makes each a call of its own."""
@@ -142,7 +142,7 @@ async def _measure(args, nats_url: str, secret: str, address: str) -> list[dict]
         return args.num_blocks
 
     results = []
-    # NOTE: like the Mooncake Store harness (bench/mooncake_store.py), the previous round's keys are removed
+    # NOTE: like the Mooncake Store harness (harness/mooncake/store.py), the previous round's keys are removed
     # between rounds untimed, so the pool never fills; the removal time is reported as remove_s.
     num, busy, removing = 0, 0.0, 0.0
     while busy < args.duration:

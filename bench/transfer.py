@@ -38,9 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guarded", action="store_true",
                         help="the target guards its buffer (one owner tag per block), writes carry the tag")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--compare", action="store_true",
-                        help="also run Mooncake's tcp bench and memcpy, interleaved, and print medians and ratios")
-    parser.add_argument("--rounds", type=int, default=3, help="with --compare: rounds of every measurement")
 
 
 def _buffer_bytes(args) -> int:

@@ -4,9 +4,9 @@
 `np.copyto(dst, src)`. Both arrays are pre-faulted (written once) before timing, so the numbers
 exclude page faults; each repeat is timed alone and the median is reported. Bandwidth counts the
 bytes *copied* once (not read + written), in GB/s of 1e9 bytes/s, the same unit as
-`tsukimi.bench.mooncake`.
+`harness.mooncake.engine`.
 
-    python -m tsukimi.bench.memcpy --size 1073741824 --repeats 5 --json
+    python -m harness.mooncake.memcpy --size 1073741824 --repeats 5 --json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def measure_memcpy(size_bytes: int = DEFAULT_SIZE, repeats: int = 5) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tsukimi.bench.memcpy", description=__doc__.split("\n")[0]
+        prog="python -m harness.mooncake.memcpy", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="bytes to copy (default 1 GiB)")
     parser.add_argument("--repeats", type=int, default=5, help="timed copies; the median is reported")

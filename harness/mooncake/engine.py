@@ -12,172 +12,44 @@ processes on 127.0.0.1:
                    --operation=read|write --block_size=... --batch_size=... --threads=...
                    --duration=... --report_unit=GB --report_precision=4
 
-With P2PHANDSHAKE the port in the target's `--local_server_name` is NOT where it listens: the
-engine binds a random RPC port and logs it as
-
-    ... transfer_engine_impl.cpp:183] Transfer Engine RPC using P2P handshake, listening on 127.0.0.1:16171
-
-and the initiator must name the target segment by that address. The initiator ends with
-
-    ... transfer_engine_bench.cpp:569] Test completed: duration 3.03, batch count 94, throughput 1.04 GB/s
-
-where the rate is batch_count * batch_size * block_size / duration in `--report_unit`; "GB" is
-1e9 bytes (the bench's table: GB=1e9, GiB=2^30, Gb=1e9/8, MB=1e6, MiB=2^20, Mb=1e6/8, KB, KiB, Kb).
+The log lines it reads back (the target's RPC port, the initiator's result) are in `harness.mooncake.engine_log`.
 Both processes log through glog to stderr (InitGoogleLogging is never called; `--logtostderr` is
 passed anyway). The wheel needs Debian's libibverbs1, librdmacm1 and libnuma1 to load:
 `scripts/install-mooncake-bench.sh` installs all of it.
 
-    python -m tsukimi.bench.mooncake --op write --block-size 1048576 --batch-size 32 --threads 2 \
+    python -m harness.mooncake.engine --op write --block-size 1048576 --batch-size 32 --threads 2 \
         --duration 5 --json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from harness.mooncake.engine_log import parse_rpc_port, parse_throughput, target_buffers_started
+from harness.mooncake.wheel import (
+    INSTALL_HINT,
+    MooncakeUnavailable,
+    find_wheel_binary,
+    free_port,
+    loader_error,
+    stop_group,
+    tail_of,
+)
+
 BINARY_NAME = "transfer_engine_bench"
 ENV_BINARY = "TSUKIMI_MOONCAKE_BENCH"  # optional override: path to a transfer_engine_bench binary
-WHEEL = "mooncake-transfer-engine-non-cuda"
-INSTALL_HINT = f"run scripts/install-mooncake-bench.sh (apt: libibverbs1 librdmacm1 libnuma1; pip: {WHEEL})"
-
-# transfer_engine_bench.cpp's RATE_UNIT_MP: bytes per unit of `--report_unit`.
-RATE_UNITS: dict[str, float] = {
-    "GB": 1e9,
-    "GiB": float(1 << 30),
-    "Gb": 1e9 / 8,
-    "MB": 1e6,
-    "MiB": float(1 << 20),
-    "Mb": 1e6 / 8,
-    "KB": 1e3,
-    "KiB": float(1 << 10),
-    "Kb": 1e3 / 8,
-}
-
-# "Transfer Engine RPC using P2P handshake, listening on 127.0.0.1:16171"; older builds may log an
-# empty host ("listening on :16683"), an IPv6 one may be bracketed ("[::1]:16171").
-_RPC_RE = re.compile(r"RPC using P2P handshake, listening on (\[[^\]]*\]|[^\s:]*):(\d+)")
-# "Test completed: duration 3.03, batch count 94, throughput 1.04 GB/s"
-_RESULT_RE = re.compile(
-    r"Test completed: duration (?P<duration>[\d.]+), batch count (?P<batches>\d+), "
-    r"throughput (?P<rate>[\d.]+) (?P<unit>[A-Za-z]+)/s"
-)
-# Logged by the target after the transport is installed, right before it allocates and registers
-# its buffers (there is no log line after registration).
-_TARGET_BUFFERS_RE = re.compile(r"(DRAM|VRAM) is used")
-_LOADER_RE = re.compile(r"error while loading shared libraries: (\S+?):")
-
-
-class MooncakeUnavailable(RuntimeError):
-    """The Mooncake wheel, its binary or the shared libraries it loads are missing."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class MooncakeBenchError(RuntimeError):
     """The bench ran but failed (target never came up, initiator exited non-zero, no result line)."""
-
-
-# ---------------------------------------------------------------- parsers (pure, unit-tested)
-
-
-def parse_rpc_endpoint(log_text: str) -> tuple[str, int] | None:
-    """(host, port) of the P2P-handshake RPC listener a transfer engine logged, or None.
-
-    The host is as logged ("" when the engine logged none, brackets stripped for IPv6)."""
-    m = _RPC_RE.search(log_text)
-    if not m:
-        return None
-    return m.group(1).strip("[]"), int(m.group(2))
-
-
-def parse_rpc_port(log_text: str) -> int | None:
-    """The RPC port of the P2P-handshake listener in a target's log: the initiator's segment_id port."""
-    endpoint = parse_rpc_endpoint(log_text)
-    return endpoint[1] if endpoint else None
-
-
-def target_buffers_started(log_text: str) -> bool:
-    """Whether the target has reached buffer allocation (logged just before it registers memory)."""
-    return _TARGET_BUFFERS_RE.search(log_text) is not None
-
-
-def to_gb_per_s(value: float, unit: str) -> float:
-    """A rate printed by the bench in `unit`/s (e.g. "GB", "MiB", "Gb") as GB/s of 1e9 bytes/s."""
-    unit = unit.removesuffix("/s")
-    if unit not in RATE_UNITS:
-        raise ValueError(f"unknown transfer_engine_bench rate unit {unit!r}")
-    return value * RATE_UNITS[unit] / 1e9
-
-
-def parse_throughput(output: str) -> dict | None:
-    """The initiator's result line, or None when absent.
-
-    Returns {"duration_s", "batch_count", "rate", "unit", "gb_per_s", "raw"}; gb_per_s is the
-    printed rate converted to 1e9 bytes/s, and raw the whole log line holding it."""
-    for line in output.splitlines():
-        m = _RESULT_RE.search(line)
-        if m:
-            rate = float(m.group("rate"))
-            unit = m.group("unit")
-            return {
-                "duration_s": float(m.group("duration")),
-                "batch_count": int(m.group("batches")),
-                "rate": rate,
-                "unit": f"{unit}/s",
-                "gb_per_s": to_gb_per_s(rate, unit),
-                "raw": line.strip(),
-            }
-    return None
-
-
-def loader_error(output: str) -> str | None:
-    """The missing shared library named in a dynamic-loader failure, or None."""
-    m = _LOADER_RE.search(output)
-    return m.group(1) if m else None
-
-
-# ---------------------------------------------------------------- locating the binary
-
-
-def find_wheel_binary(name: str, env_var: str, unavailable: type[Exception] = None) -> Path:
-    """Path of the executable `name`: $`env_var` when set, else the one shipped in the mooncake wheel.
-
-    Raises `unavailable` (default MooncakeUnavailable) when neither exists. Does not import `mooncake` (its
-    extension modules need the same system libraries)."""
-    unavailable = unavailable or MooncakeUnavailable
-    override = os.environ.get(env_var)
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise unavailable(f"${env_var}={override} is not a file")
-        return path
-    try:
-        spec = importlib.util.find_spec("mooncake")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise unavailable(f"Python package 'mooncake' not installed ({WHEEL}); {INSTALL_HINT}")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / name
-        if path.is_file():
-            return path
-    raise unavailable(
-        f"{name} not found in {list(spec.submodule_search_locations)} "
-        f"(is the installed mooncake a wheel that ships it? expected {WHEEL}); {INSTALL_HINT}"
-    )
 
 
 def find_bench_binary() -> Path:
@@ -211,38 +83,6 @@ def check_binary(path: Path) -> None:
             raise MooncakeUnavailable(f"{path} cannot load shared library {missing}; {INSTALL_HINT}")
         tail = (proc.stderr or proc.stdout).strip()[-500:]
         raise MooncakeUnavailable(f"{path} --version exited {proc.returncode}: {tail}")
-
-
-# ---------------------------------------------------------------- running
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group (the target exits cleanly on it), SIGKILL after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)  # started with start_new_session: pgid == pid
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def tail_of(path: Path, n: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
 
 
 def _wait_for_target(proc: subprocess.Popen, log: Path, timeout_s: float) -> int:
@@ -301,7 +141,7 @@ def run_mooncake_bench(
         target_log = Path(tmp) / "target.log"
         with open(target_log, "wb") as sink:
             target = subprocess.Popen(
-                [str(binary), "--mode=target", f"--local_server_name=127.0.0.1:{_free_port()}", *common],
+                [str(binary), "--mode=target", f"--local_server_name=127.0.0.1:{free_port()}", *common],
                 stdin=subprocess.DEVNULL,
                 stdout=sink,
                 stderr=subprocess.STDOUT,
@@ -318,7 +158,7 @@ def run_mooncake_bench(
             cmd = [
                 str(binary),
                 "--mode=initiator",
-                f"--local_server_name=127.0.0.1:{_free_port()}",
+                f"--local_server_name=127.0.0.1:{free_port()}",
                 f"--segment_id={segment_id}",
                 f"--operation={op}",
                 f"--block_size={block_size}",
@@ -386,7 +226,7 @@ def run_mooncake_bench(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tsukimi.bench.mooncake",
+        prog="python -m harness.mooncake.engine",
         description="Mooncake transfer_engine_bench over TCP on loopback (throughput in GB/s = 1e9 B/s).",
     )
     parser.add_argument("--op", choices=("read", "write"), default="write")
