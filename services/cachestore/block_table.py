@@ -31,6 +31,8 @@ class BlockTable:
         # (instance, tier) of every DRAM tier, in the order the instances joined.
         self._dram_tiers: list[tuple[str, Tier]] = []
         self._blocks: dict[bytes, Block] = {}
+        # NOTE: `_leased` and `_writing` are PoolMaster's indexes; they live here because a block forgotten here
+        # (its last replica dropped or evicted) leaves them too.
         # Blocks with at least one lease: the only ones `_expire` has to look at.
         self._leased: dict[bytes, Block] = {}
         # Puts started and not ended -> when they are revoked if still not ended.
