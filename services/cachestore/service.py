@@ -32,7 +32,7 @@ from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.cachestore.ssd_tier import SsdTier
 from tsukimi.common import bus, subjects
-from tsukimi.common.messages import Heartbeat, PoolEvents, decode, encode
+from tsukimi.common.messages import CachestoreStatus, Heartbeat, PoolEvents, decode, encode
 from tsukimi.common.probe import ProbeServer
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.common.runner import run_until_signal
@@ -210,15 +210,16 @@ class Mastership:
         pool = self.pool
         member = RemoteMember(beat.grpc_address)
         try:
-            num = await pool.join(beat.instance_id, Instance(member, beat.kv_segment, beat.kv_buffer_id,
-                                                             beat.boot_id), beat.num_dram_bytes, beat.num_ssd_bytes)
+            status = beat.status
+            instance = Instance(member, beat.kv_segment, status.kv_buffer_id, beat.boot_id)
+            num = await pool.join(beat.instance_id, instance, status.num_dram_bytes, status.num_ssd_bytes)
         except MemberError as exc:
             log.warning("instance %s could not join: %s", beat.instance_id, exc)
             self._registry.remove(beat.instance_id)  # NOTE: its next heartbeat tries again.
             await member.close()
             return
         log.info("instance %s joined the pool: %d MiB DRAM, %d MiB SSD, %d SSD blocks", beat.instance_id,
-                 beat.num_dram_bytes >> 20, beat.num_ssd_bytes >> 20, num)
+                 status.num_dram_bytes >> 20, status.num_ssd_bytes >> 20, num)
 
     async def _leave(self, instance_id: str, why: str) -> None:
         if self.pool is not None:
@@ -241,10 +242,11 @@ class Mastership:
 def _heartbeat(mastership: Mastership, grpc_address: str, dram: LocalBuffer, is_leaving: bool) -> Heartbeat:
     """This instance's heartbeat: where its API and its data are, whether it is the master."""
     local = mastership.local
-    return Heartbeat(instance_id=mastership.instance_id, kind=KIND, grpc_address=grpc_address,
-                     kv_segment=local.transfer.segment_name, kv_buffer_id=dram.buffer_id, num_dram_bytes=dram.length,
-                     num_ssd_bytes=local.ssd.capacity_bytes if local.ssd else 0, boot_id=mastership.boot_id,
-                     is_pool_master=mastership.is_master and not is_leaving, sent_at=time.time(),
+    status = CachestoreStatus(is_pool_master=mastership.is_master and not is_leaving,
+                              kv_buffer_id=dram.buffer_id, num_dram_bytes=dram.length,
+                              num_ssd_bytes=local.ssd.capacity_bytes if local.ssd else 0)
+    return Heartbeat(instance_id=mastership.instance_id, status=status, grpc_address=grpc_address,
+                     kv_segment=local.transfer.segment_name, boot_id=mastership.boot_id, sent_at=time.time(),
                      is_leaving=is_leaving)
 
 

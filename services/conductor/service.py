@@ -23,7 +23,7 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.block_keys import block_keys
 from tsukimi.common.messages import (
-    CancelRequest, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
+    CancelRequest, ConductorStatus, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
     SubmitReply, TaskAck, decode, encode,
 )
 from tsukimi.common.pool_view import PoolView
@@ -350,7 +350,8 @@ class ConductorService:
             log.info("replica change refused: %s", exc.code().name)
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
-        return Heartbeat(instance_id=self.instance_id, kind="conductor", sent_at=time.time(), is_leaving=is_leaving)
+        return Heartbeat(instance_id=self.instance_id, status=ConductorStatus(), sent_at=time.time(),
+                         is_leaving=is_leaving)
 
     async def run(self, stop: asyncio.Event) -> None:
         self.nc = await connect(self.settings.nats_url, self.instance_id)

@@ -18,7 +18,7 @@ from tsukimi.common import subjects
 from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.compute_thread import ComputeThread
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
+    CancelRequest, DecodeStatus, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
     encode,
 )
 from tsukimi.common.runner import run_with_probe
@@ -91,15 +91,17 @@ class DecodeService:
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
         return Heartbeat(
-            instance_id=self.instance_id, kind="decode", model=self.settings.model_name(),
-            kv_segment=self.transfer.segment_name if self.transfer else "", num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
-            max_running=self.engine.max_batch_size,
-            num_free_kv_bytes=self.engine.kv.num_free_blocks * self.engine.kv.block_bytes,
-            num_kv_bytes=self.engine.kv.num_blocks * self.engine.kv.block_bytes,
-            predicted_tbt_s=self.engine.predicted_step_s(),
+            instance_id=self.instance_id, model=self.settings.model_name(),
+            kv_segment=self.transfer.segment_name if self.transfer else "",
+            status=DecodeStatus(
+                num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
+                max_running=self.engine.max_batch_size,
+                num_free_kv_bytes=self.engine.kv.num_free_blocks * self.engine.kv.block_bytes,
+                num_kv_bytes=self.engine.kv.num_blocks * self.engine.kv.block_bytes,
+                predicted_tbt_s=self.engine.predicted_step_s(), num_context_tokens=self.engine.num_context_tokens,
+                progress=self.engine.progress()),
             max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
-            cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
-            progress=self.engine.progress(), colocated_with=self.colocated_with,
+            cost_model=self.costs.model if self.costs else None, colocated_with=self.colocated_with,
         )
 
     async def _on_reserve(self, msg) -> None:

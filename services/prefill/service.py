@@ -21,8 +21,8 @@ from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, PrefillTask,
-    TaskAck, TokenEvent, decode, encode,
+    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, PrefillStatus,
+    PrefillTask, TaskAck, TokenEvent, decode, encode,
 )
 from tsukimi.common.runner import run_with_probe
 from tsukimi.common.settings import Settings
@@ -101,12 +101,12 @@ class PrefillService:
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
         return Heartbeat(
-            instance_id=self.instance_id, kind="prefill", model=self.settings.model_name(),
-            num_waiting=self.queue.qsize(), num_running=self.num_running,
-            max_running=self.settings.prefill_max_active,
+            instance_id=self.instance_id, model=self.settings.model_name(),
+            status=PrefillStatus(num_waiting=self.queue.qsize(), num_running=self.num_running,
+                                 max_running=self.settings.prefill_max_active,
+                                 queued_prefill_s=self.queued_prefill_s()),
             max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
-            cost_model=self.costs.model if self.costs else None, queued_prefill_s=self.queued_prefill_s(),
-            colocated_with=self.colocated_with,
+            cost_model=self.costs.model if self.costs else None, colocated_with=self.colocated_with,
         )
 
     @property
