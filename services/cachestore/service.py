@@ -31,11 +31,11 @@ from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.cachestore.ssd_tier import SsdTier
-from tsukimi.common import bus, subjects
+from tsukimi.common import subjects
 from tsukimi.common.messages import CachestoreStatus, Heartbeat, PoolEvents, decode, encode
 from tsukimi.common.probe import ProbeServer
 from tsukimi.common.registry import InstanceRegistry
-from tsukimi.common.runner import run_until_signal
+from tsukimi.common.service_runtime import ServiceRuntime, require_secret, run_until_signal
 from tsukimi.common.settings import Settings
 from tsukimi.proto import cachestore_pb2_grpc
 from tsukimi.transfer.engine import LocalBuffer, TransferEngine
@@ -253,7 +253,8 @@ def _heartbeat(mastership: Mastership, grpc_address: str, dram: LocalBuffer, is_
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Runs one cachestore instance until `stop` is set, then leaves the cluster cleanly."""
     instance_id = settings.instance_name(KIND)
-    nc = await bus.connect(settings.nats_url, name=instance_id)
+    runtime = ServiceRuntime(instance_id)
+    nc = await runtime.connect(settings.nats_url)
     transfer = TransferEngine(instance_id, settings.secret_bytes(), NatsMetadataStore(nc, settings.segment_ttl_s),
                               host=settings.kv_host, port=settings.kv_port,
                               num_connections=settings.transfer_connections)
@@ -281,7 +282,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     metrics.UP.set(1)
     mastership = Mastership(settings, nc, instance_id, uuid.uuid4().hex, local, servicer)
-    election = asyncio.create_task(mastership.run(stop))
+    runtime.loop(mastership.run(stop))
 
     def _health() -> tuple[bool, dict]:
         details = {"instance_id": instance_id, "nats_connected": nc.is_connected, "grpc_port": grpc_port,
@@ -292,38 +293,30 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     log.info("cachestore %s up: gRPC on %s:%d, session lane %s, probes on %d, SSD tier %s", instance_id,
              settings.host, grpc_port, lane.port if lane else "off", probe.port, ssd.directory if ssd else "off")
 
-    try:
-        # Ends with the is_leaving heartbeat once `stop` is set.
-        await bus.heartbeat_forever(
-            nc,
-            subjects.heartbeat(KIND, instance_id),
-            # NOTE: advertised on kv_host (reachable by peers), while gRPC binds `host` (maybe 0.0.0.0).
-            lambda is_leaving: _heartbeat(mastership, f"{settings.kv_host}:{grpc_port}", dram, is_leaving),
-            settings.heartbeat_interval_s,
-            stop,
-        )
-    finally:
-        await election
+    # NOTE: advertised on kv_host (reachable by peers), while gRPC binds `host` (maybe 0.0.0.0).
+    runtime.beat(KIND, lambda is_leaving: _heartbeat(mastership, f"{settings.kv_host}:{grpc_port}", dram, is_leaving),
+                 settings.heartbeat_interval_s, stop)
+
+    async def stop_serving() -> None:
         metrics.UP.set(0)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(GRPC_GRACE_S)
-        if lane is not None:
-            await lane.close()
-        probe.stop()
-        await transfer.close()
-        if ssd is not None:
-            ssd.close()
-        try:
-            await nc.drain()
-        except Exception:  # noqa: BLE001 (shutting down anyway)
-            log.warning("could not drain the NATS connection", exc_info=True)
+
+    runtime.on_close(stop_serving)
+    if lane is not None:
+        runtime.on_close(lane.close)
+    runtime.on_close(probe.stop)
+    runtime.on_close(transfer.close)
+    if ssd is not None:
+        runtime.on_close(ssd.close)
+    try:
+        await stop.wait()
+    finally:
+        await runtime.shutdown()
         log.info("cachestore %s stopped", instance_id)
 
 
 def main(settings: Settings) -> None:
     """Entry point of `tsukimi cachestore`: serves until SIGINT/SIGTERM, then shuts down cleanly."""
-    try:
-        settings.secret_bytes()
-    except ValueError as exc:
-        raise SystemExit(f"tsukimi cachestore: {exc}") from None
+    require_secret(settings, "cachestore")
     run_until_signal(lambda stop: serve(settings, stop))

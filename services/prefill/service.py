@@ -13,18 +13,15 @@ import time
 from collections import deque
 
 import msgspec
-import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
-from tsukimi.common.bus import connect, heartbeat_forever
-from tsukimi.common.expiring import ExpiringSet
 from tsukimi.common.logs import request_id_var
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, PrefillStatus,
+    DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, PrefillStatus,
     PrefillTask, TaskAck, TokenEvent, decode, encode,
 )
-from tsukimi.common.runner import run_with_probe
+from tsukimi.common.service_runtime import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.model.loader import load_model
 from tsukimi.model.sampler import sample
@@ -36,12 +33,10 @@ from tsukimi.prefill.held_reservations import HeldReservations
 from tsukimi.prefill.kv_stream import KVStream
 from tsukimi.prefill.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine, TransferError
-from tsukimi.transfer.metadata import NatsMetadataStore
+from tsukimi.worker.runtime import WorkerRuntime, prepare_worker
 
 log = logging.getLogger("tsukimi.prefill")
 
-# Seconds a cancellation is remembered: longer than a task can wait in the queue.
-CANCEL_MEMORY_S = 600.0
 # Seconds between two reservation attempts while the decode worker's KV blocks are all in use.
 RESERVE_RETRY_S = 0.05
 
@@ -84,17 +79,11 @@ class PrefillService:
         # NOTE: deadlines are on the gateway's wall clock (requests' arrival_time); hosts' clocks are assumed in sync.
         self.chunks = ChunkScheduler(engine.step, engine.chunk_tokens, settings.prefill_pack_tokens,
                                      self._predict_s if costs is not None else None)
-        self.transfer: TransferEngine | None = None
-        # The pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the
-        # colocated worker's in-process cache: then the pool is not used).
-        self.cache: PrefixCache | None = cache
-        self._has_own_cache = cache is not None
+        # Start-up, cancellations, background stores of new KV blocks, shutdown; the transfer engine and the
+        # prefix cache (`cache`: the colocated worker's in-process one, or the pool's made at start-up).
+        self.runtime = WorkerRuntime(settings, self.instance_id, cache)
         # Colocated worker: id of the decode half of this process ("" when disaggregated).
         self.colocated_with = colocated_with
-        # Background stores of new KV blocks, awaited (briefly) on shutdown.
-        self._stores: set[asyncio.Task] = set()
-        # Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while.
-        self.cancelled = ExpiringSet(CANCEL_MEMORY_S)
         # Decode reservations held (reserved, not yet handed over or released): renewed while this worker lives.
         self.held = HeldReservations()
         self.nc = None
@@ -108,6 +97,19 @@ class PrefillService:
             max_model_len=self.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
             cost_model=self.costs.model if self.costs else None, colocated_with=self.colocated_with,
         )
+
+    @property
+    def transfer(self) -> TransferEngine | None:
+        return self.runtime.transfer
+
+    @property
+    def cache(self) -> PrefixCache | None:
+        return self.runtime.cache
+
+    @property
+    def cancelled(self):
+        """Requests cancelled recently; a cancel may arrive before its task, so it is remembered for a while."""
+        return self.runtime.cancelled
 
     @property
     def num_running(self) -> int:
@@ -150,38 +152,13 @@ class PrefillService:
         QUEUED.set(self.queue.qsize())
         await msg.respond(encode(TaskAck(is_accepted=True)))
 
-    async def _on_cancel(self, msg) -> None:
-        try:
-            cancel = decode(msg.data, CancelRequest)
-        except msgspec.ValidationError:
-            return
-        self.cancelled.add(cancel.request_id)
-
-    async def _on_cachestore(self, msg) -> None:
-        try:
-            self.cache.follow(decode(msg.data, Heartbeat))
-        except msgspec.ValidationError:
-            return
-
     async def run(self, stop: asyncio.Event) -> None:
-        self.nc = await connect(self.settings.nats_url, self.instance_id)
-        self.transfer = TransferEngine(
-            self.instance_id, self.settings.secret_bytes(), NatsMetadataStore(self.nc, self.settings.segment_ttl_s),
-            host=self.settings.kv_host, port=self.settings.kv_port,
-            num_connections=self.settings.transfer_connections, timeout_s=self.settings.kv_transfer_timeout_s)
-        await self.transfer.start()
-        if self.settings.is_cache_enabled and not self._has_own_cache:
-            self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens,
-                                     self.settings.secret_bytes(), self.settings.cache_hold_leases,
-                                     self.settings.cache_reserve_bytes)
-            await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
+        self.nc = await self.runtime.start()
+        await self.runtime.open_cache(PrefixCache)
         await self.nc.subscribe(subjects.prefill_tasks(self.instance_id), cb=self._on_task)
-        await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
-        beats = asyncio.create_task(heartbeat_forever(
-            self.nc, subjects.heartbeat("prefill", self.instance_id), self.heartbeat,
-            self.settings.heartbeat_interval_s, stop,
-        ))
-        renewals = asyncio.create_task(self._renew_forever(stop))
+        await self.runtime.follow_cancels()
+        self.runtime.beat("prefill", self.heartbeat, self.settings.heartbeat_interval_s, stop)
+        self.runtime.loop(self._renew_forever(stop))
         log.info("prefill %s ready", self.instance_id)
         while not stop.is_set():
             if len(self._tasks) >= self.settings.prefill_max_active:
@@ -201,19 +178,15 @@ class PrefillService:
             task = asyncio.create_task(self._process(getter.result()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        await self.runtime.shutdown(self._stop_taking_work)
+
+    async def _stop_taking_work(self) -> None:
+        """Fails the queued tasks and ends the ones in progress (their clients are told)."""
         await self._fail_queued("prefill worker shutting down")
         for task in self._tasks:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
-        if self._stores:
-            await asyncio.wait(self._stores, timeout=5)
-        if self.cache is not None:
-            await self.cache.close()
-        await beats
-        await renewals
-        await self.transfer.close()
-        await self.nc.drain()
 
     async def _renew_forever(self, stop: asyncio.Event) -> None:
         """Every `kv_orphan_ttl_s` / 4, tells each decode worker which of its reservations this worker still holds
@@ -426,9 +399,7 @@ class PrefillService:
             except Exception as exc:  # NOTE: storing is best effort; the request is already served.
                 log.warning("storing KV blocks failed: %s", exc)
 
-        task = asyncio.create_task(store())
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
+        self.runtime.spawn(store())
 
     async def _emit(self, event: TokenEvent) -> None:
         await self.nc.publish(subjects.stream(event.request_id), encode(event))
@@ -443,11 +414,7 @@ class PrefillService:
 
 def main(settings: Settings) -> None:
     """Runs one prefill worker until SIGINT/SIGTERM."""
-    try:
-        settings.secret_bytes()
-    except ValueError as exc:
-        raise SystemExit(f"tsukimi prefill: {exc}") from None
-    torch.set_num_threads(settings.torch_threads)
+    prepare_worker(settings, "prefill")
     engine = PrefillEngine(load_model(settings.model), settings.prefill_chunk_tokens)
     max_len = max_model_len(settings.model)
     # NOTE: calibration (~2-3 s: 3 shapes, more within its budget) runs before the worker serves, so its
