@@ -336,7 +336,7 @@ async def test_prefill_heartbeat_carries_the_cost_model_and_queued_time(model):
     assert service.heartbeat(False).status.queued_prefill_s == pytest.approx(queued)
     # A prefill in progress adds what remains of its prediction: all of it before its first chunk, then the share
     # of its tokens still to compute.
-    service._expect("r", 100, 0)
+    service.pipeline.expect("r", 100, 0)
     assert service.heartbeat(False).status.queued_prefill_s == pytest.approx(queued + costs.model.prefill_s(100))
     job = PrefillEngine(model, chunk_tokens=25).start(list(range(100)))
     job.step()
@@ -357,7 +357,7 @@ async def test_prefill_records_real_runs(model):
     service.nc = FakeBus()
     t = task(40)
     t.request.sampling.max_tokens = 1  # finishes at prefill: no hand-over to a decode worker
-    await service._process(t)
+    await service.pipeline.run(t)
     assert [(n, r) for n, r, _ in costs.recent] == [(40, 0)]
     assert costs.recent[0][2] > 0
 
