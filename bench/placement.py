@@ -10,7 +10,9 @@ import statistics
 import time
 
 from tsukimi.common.cost_model import roofline
-from tsukimi.common.messages import BlockStored, Heartbeat, PoolEvents, PoolSnapshot
+from tsukimi.common.messages import (
+    BlockStored, CachestoreStatus, DecodeStatus, Heartbeat, PoolEvents, PoolSnapshot, PrefillStatus,
+)
 from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
@@ -41,12 +43,13 @@ def build(args) -> tuple[ClusterView, Placer, Request, list[bytes]]:
     view = ClusterView(pool)
     for i in range(args.instances):
         host = f"h{i % args.cachestores}"
-        view.observe(Heartbeat(instance_id=f"p{i}", kind="prefill", model="m", host=host, cost_model=cost,
-                               queued_prefill_s=rng.random() * 5), 0.0)
-        view.observe(Heartbeat(instance_id=f"d{i}", kind="decode", model="m", host=host, cost_model=cost,
-                               max_running=128, num_free_kv_bytes=1 << 40, num_running=args.running), 0.0)
+        view.observe(Heartbeat(instance_id=f"p{i}", model="m", host=host, cost_model=cost,
+                               status=PrefillStatus(queued_prefill_s=rng.random() * 5)), 0.0)
+        view.observe(Heartbeat(instance_id=f"d{i}", model="m", host=host, cost_model=cost,
+                               status=DecodeStatus(max_running=128, num_free_kv_bytes=1 << 40,
+                                                   num_running=args.running)), 0.0)
     for c in range(args.cachestores):
-        view.observe(Heartbeat(instance_id=f"cs{c}", kind="cachestore", host=f"h{c}"), 0.0)
+        view.observe(Heartbeat(instance_id=f"cs{c}", status=CachestoreStatus(), host=f"h{c}"), 0.0)
     for d in view.decodes.values():
         for j in range(args.running):
             d.add(f"{d.instance_id}-{j}", DecodeEntry(rng.randrange(1000, 100_000), 0.0, rng.random() * 60))

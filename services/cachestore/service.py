@@ -31,11 +31,11 @@ from tsukimi.cachestore.pool import Instance, Pool
 from tsukimi.cachestore.servicer import CacheStoreServicer
 from tsukimi.cachestore.session_lane import SessionLane
 from tsukimi.cachestore.ssd_tier import SsdTier
-from tsukimi.common import bus, subjects
-from tsukimi.common.messages import Heartbeat, PoolEvents, decode, encode
+from tsukimi.common import subjects
+from tsukimi.common.messages import CachestoreStatus, Heartbeat, PoolEvents, decode, encode
 from tsukimi.common.probe import ProbeServer
 from tsukimi.common.registry import InstanceRegistry
-from tsukimi.common.runner import run_until_signal
+from tsukimi.common.service_runtime import ServiceRuntime, require_secret, run_until_signal
 from tsukimi.common.settings import Settings
 from tsukimi.proto import cachestore_pb2_grpc
 from tsukimi.transfer.engine import LocalBuffer, TransferEngine
@@ -210,15 +210,16 @@ class Mastership:
         pool = self.pool
         member = RemoteMember(beat.grpc_address)
         try:
-            num = await pool.join(beat.instance_id, Instance(member, beat.kv_segment, beat.kv_buffer_id,
-                                                             beat.boot_id), beat.num_dram_bytes, beat.num_ssd_bytes)
+            status = beat.status
+            instance = Instance(member, beat.kv_segment, status.kv_buffer_id, beat.boot_id)
+            num = await pool.join(beat.instance_id, instance, status.num_dram_bytes, status.num_ssd_bytes)
         except MemberError as exc:
             log.warning("instance %s could not join: %s", beat.instance_id, exc)
             self._registry.remove(beat.instance_id)  # NOTE: its next heartbeat tries again.
             await member.close()
             return
         log.info("instance %s joined the pool: %d MiB DRAM, %d MiB SSD, %d SSD blocks", beat.instance_id,
-                 beat.num_dram_bytes >> 20, beat.num_ssd_bytes >> 20, num)
+                 status.num_dram_bytes >> 20, status.num_ssd_bytes >> 20, num)
 
     async def _leave(self, instance_id: str, why: str) -> None:
         if self.pool is not None:
@@ -241,17 +242,19 @@ class Mastership:
 def _heartbeat(mastership: Mastership, grpc_address: str, dram: LocalBuffer, is_leaving: bool) -> Heartbeat:
     """This instance's heartbeat: where its API and its data are, whether it is the master."""
     local = mastership.local
-    return Heartbeat(instance_id=mastership.instance_id, kind=KIND, grpc_address=grpc_address,
-                     kv_segment=local.transfer.segment_name, kv_buffer_id=dram.buffer_id, num_dram_bytes=dram.length,
-                     num_ssd_bytes=local.ssd.capacity_bytes if local.ssd else 0, boot_id=mastership.boot_id,
-                     is_pool_master=mastership.is_master and not is_leaving, sent_at=time.time(),
+    status = CachestoreStatus(is_pool_master=mastership.is_master and not is_leaving,
+                              kv_buffer_id=dram.buffer_id, num_dram_bytes=dram.length,
+                              num_ssd_bytes=local.ssd.capacity_bytes if local.ssd else 0)
+    return Heartbeat(instance_id=mastership.instance_id, status=status, grpc_address=grpc_address,
+                     kv_segment=local.transfer.segment_name, boot_id=mastership.boot_id, sent_at=time.time(),
                      is_leaving=is_leaving)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Runs one cachestore instance until `stop` is set, then leaves the cluster cleanly."""
     instance_id = settings.instance_name(KIND)
-    nc = await bus.connect(settings.nats_url, name=instance_id)
+    runtime = ServiceRuntime(instance_id)
+    nc = await runtime.connect(settings.nats_url)
     transfer = TransferEngine(instance_id, settings.secret_bytes(), NatsMetadataStore(nc, settings.segment_ttl_s),
                               host=settings.kv_host, port=settings.kv_port,
                               num_connections=settings.transfer_connections)
@@ -279,7 +282,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     metrics.UP.set(1)
     mastership = Mastership(settings, nc, instance_id, uuid.uuid4().hex, local, servicer)
-    election = asyncio.create_task(mastership.run(stop))
+    runtime.loop(mastership.run(stop))
 
     def _health() -> tuple[bool, dict]:
         details = {"instance_id": instance_id, "nats_connected": nc.is_connected, "grpc_port": grpc_port,
@@ -290,38 +293,30 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     log.info("cachestore %s up: gRPC on %s:%d, session lane %s, probes on %d, SSD tier %s", instance_id,
              settings.host, grpc_port, lane.port if lane else "off", probe.port, ssd.directory if ssd else "off")
 
-    try:
-        # Ends with the is_leaving heartbeat once `stop` is set.
-        await bus.heartbeat_forever(
-            nc,
-            subjects.heartbeat(KIND, instance_id),
-            # NOTE: advertised on kv_host (reachable by peers), while gRPC binds `host` (maybe 0.0.0.0).
-            lambda is_leaving: _heartbeat(mastership, f"{settings.kv_host}:{grpc_port}", dram, is_leaving),
-            settings.heartbeat_interval_s,
-            stop,
-        )
-    finally:
-        await election
+    # NOTE: advertised on kv_host (reachable by peers), while gRPC binds `host` (maybe 0.0.0.0).
+    runtime.beat(KIND, lambda is_leaving: _heartbeat(mastership, f"{settings.kv_host}:{grpc_port}", dram, is_leaving),
+                 settings.heartbeat_interval_s, stop)
+
+    async def stop_serving() -> None:
         metrics.UP.set(0)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(GRPC_GRACE_S)
-        if lane is not None:
-            await lane.close()
-        probe.stop()
-        await transfer.close()
-        if ssd is not None:
-            ssd.close()
-        try:
-            await nc.drain()
-        except Exception:  # noqa: BLE001 (shutting down anyway)
-            log.warning("could not drain the NATS connection", exc_info=True)
+
+    runtime.on_close(stop_serving)
+    if lane is not None:
+        runtime.on_close(lane.close)
+    runtime.on_close(probe.stop)
+    runtime.on_close(transfer.close)
+    if ssd is not None:
+        runtime.on_close(ssd.close)
+    try:
+        await stop.wait()
+    finally:
+        await runtime.shutdown()
         log.info("cachestore %s stopped", instance_id)
 
 
 def main(settings: Settings) -> None:
     """Entry point of `tsukimi cachestore`: serves until SIGINT/SIGTERM, then shuts down cleanly."""
-    try:
-        settings.secret_bytes()
-    except ValueError as exc:
-        raise SystemExit(f"tsukimi cachestore: {exc}") from None
+    require_secret(settings, "cachestore")
     run_until_signal(lambda stop: serve(settings, stop))

@@ -195,7 +195,7 @@ def _locked_decode_engine(lock: ComputeLock):
 
 def main(settings) -> None:
     """Runs one colocated worker (prefill + decode over one model and one device) until SIGINT/SIGTERM."""
-    from tsukimi.common.runner import run_with_probe
+    from tsukimi.common.service_runtime import run_with_probe
     from tsukimi.decode import calibration as decode_calibration
     from tsukimi.decode.arena_size import arena_for
     from tsukimi.decode.kv_blocks import KVBlocks
@@ -206,12 +206,9 @@ def main(settings) -> None:
     from tsukimi.prefill import calibration as prefill_calibration
     from tsukimi.prefill.engine import PrefillEngine
     from tsukimi.prefill.service import PrefillService
+    from tsukimi.worker.runtime import prepare_worker
 
-    try:
-        settings.secret_bytes()
-    except ValueError as exc:
-        raise SystemExit(f"tsukimi colocated: {exc}") from None
-    torch.set_num_threads(settings.torch_threads)
+    prepare_worker(settings, "colocated")
     name = settings.instance_id or f"colocated-{socket.gethostname()}-{os.getpid()}"
     prefill_id, decode_id = f"{name}-prefill", f"{name}-decode"
     model = load_model(settings.model)

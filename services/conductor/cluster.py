@@ -207,6 +207,7 @@ class ClusterView:
         """Updates an instance from its heartbeat (a `Heartbeat`)."""
         self._info[beat.instance_id] = (beat.kind, beat.model, beat.host)
         cost = beat.cost_model or DEFAULT_COST
+        status = beat.status
         if beat.kind == "prefill":
             p = self.prefills.get(beat.instance_id)
             if p is None:
@@ -214,8 +215,8 @@ class ClusterView:
             p.cost = cost
             p.colocated_with = beat.colocated_with
             # NOTE: the worker's own estimate of its queue replaces ours (other conductors place there too).
-            p.busy_until = now + beat.queued_prefill_s
-            p.num_queued = beat.num_waiting + beat.num_running
+            p.busy_until = now + status.queued_prefill_s
+            p.num_queued = status.num_waiting + status.num_running
         elif beat.kind == "decode":
             d = self.decodes.get(beat.instance_id)
             # KV capacity in tokens: its whole arena, or (not reported) what is free plus what its batch holds;
@@ -224,19 +225,19 @@ class ClusterView:
             if not per_token:
                 kv_tokens, free_tokens = 1 << 40, None
             else:
-                free_tokens = beat.num_free_kv_bytes // per_token
-                kv_tokens = (beat.num_kv_bytes // per_token if beat.num_kv_bytes
-                             else free_tokens + beat.num_context_tokens)
+                free_tokens = status.num_free_kv_bytes // per_token
+                kv_tokens = (status.num_kv_bytes // per_token if status.num_kv_bytes
+                             else free_tokens + status.num_context_tokens)
             if d is None:
-                d = DecodeInstance(beat.instance_id, cost, beat.max_running, kv_tokens, self.block_tokens)
+                d = DecodeInstance(beat.instance_id, cost, status.max_running, kv_tokens, self.block_tokens)
                 self.decodes[beat.instance_id] = d
-            d.cost, d.max_batch_size, d.num_kv_tokens = cost, beat.max_running, kv_tokens
+            d.cost, d.max_batch_size, d.num_kv_tokens = cost, status.max_running, kv_tokens
             d.num_free_kv_tokens = free_tokens
-            if beat.progress is not None:
-                step_s = cost.decode_step_s(max(1, beat.num_running), beat.num_context_tokens)
-                d.sync(now, beat.progress, step_s, self.stale_s)
+            if status.progress is not None:
+                step_s = cost.decode_step_s(max(1, status.num_running), status.num_context_tokens)
+                d.sync(now, status.progress, step_s, self.stale_s)
                 return
-            if beat.num_running == 0 and beat.num_waiting == 0:
+            if status.num_running == 0 and status.num_waiting == 0:
                 # NOTE: nothing runs there: entries that should have started are over (or never came).
                 d.drop_started(now)
             d.expire(now)

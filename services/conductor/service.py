@@ -19,16 +19,15 @@ import msgspec
 from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
-from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.logs import request_id_var
 from tsukimi.kvpool.block_keys import block_keys
 from tsukimi.common.messages import (
-    CancelRequest, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
+    CancelRequest, ConductorStatus, ErrorInfo, GenerateRequest, Heartbeat, PoolEvents, PoolSnapshot, PoolSnapshotRequest, PrefillTask,
     SubmitReply, TaskAck, decode, encode,
 )
 from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
-from tsukimi.common.runner import run_with_probe
+from tsukimi.common.service_runtime import ServiceRuntime, run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.cluster import ClusterView
 from tsukimi.conductor import refusals
@@ -76,6 +75,8 @@ class ConductorService:
     def __init__(self, settings: Settings, journal: RequestJournal):
         self.settings = settings
         self.instance_id = settings.instance_name("conductor")
+        # Start-up, heartbeats, cancellations, shutdown.
+        self.runtime = ServiceRuntime(self.instance_id)
         self.registry = InstanceRegistry(settings.instance_ttl_s)
         self.pool_view = PoolView()
         self.view = ClusterView(self.pool_view, block_tokens=settings.cache_block_tokens)
@@ -313,11 +314,7 @@ class ConductorService:
         finally:
             request_id_var.reset(token)
 
-    async def _on_cancel(self, msg) -> None:
-        try:
-            cancel = decode(msg.data, CancelRequest)
-        except msgspec.ValidationError:
-            return
+    async def _on_cancel(self, cancel: CancelRequest) -> None:
         waiter = self.waiting.remove(cancel.request_id)
         if waiter is not None:
             reply = SubmitReply(is_accepted=False, error=refusals.cancelled(cancel.reason))
@@ -350,19 +347,19 @@ class ConductorService:
             log.info("replica change refused: %s", exc.code().name)
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
-        return Heartbeat(instance_id=self.instance_id, kind="conductor", sent_at=time.time(), is_leaving=is_leaving)
+        return Heartbeat(instance_id=self.instance_id, status=ConductorStatus(), sent_at=time.time(),
+                         is_leaving=is_leaving)
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.nc = await connect(self.settings.nats_url, self.instance_id)
+        self.nc = await self.runtime.connect(self.settings.nats_url)
         await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         await self.nc.subscribe(subjects.SUBMIT, queue=subjects.CONDUCTOR_QUEUE, cb=self._on_submit)
         await self.nc.subscribe(subjects.POOL_EVENTS, cb=self._on_pool_events)
-        await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
+        await self.runtime.follow_cancels(self._on_cancel)
         self._resync = asyncio.create_task(self._resynchronise())
-        beats = asyncio.create_task(heartbeat_forever(
-            self.nc, subjects.heartbeat("conductor", self.instance_id), self.heartbeat,
-            self.settings.heartbeat_interval_s, stop))
-        waiters = asyncio.create_task(self._serve_waiters(stop))
+        self.runtime.beat("conductor", self.heartbeat, self.settings.heartbeat_interval_s, stop)
+        self.runtime.loop(self._serve_waiters(stop))
+        self.runtime.on_close(self._close_master_channel)
         log.info("conductor %s ready", self.instance_id)
         while not stop.is_set():
             try:
@@ -376,12 +373,12 @@ class ConductorService:
                 self._replicating = asyncio.create_task(self._balance_replicas())
             for kind in ("prefill", "decode"):
                 INSTANCES.labels(kind).set(len(self.registry.alive(kind, time.monotonic())))
-        await beats
-        await waiters
+        await self.runtime.shutdown()
+        self._journal_writer.shutdown(wait=True)
+
+    async def _close_master_channel(self) -> None:
         if self._master_channel is not None:
             await self._master_channel[1].close()
-        await self.nc.drain()
-        self._journal_writer.shutdown(wait=True)
 
 
 def main(settings: Settings) -> None:

@@ -15,13 +15,12 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from tsukimi.common import subjects
-from tsukimi.common.bus import connect, heartbeat_forever
 from tsukimi.common.compute_thread import ComputeThread
 from tsukimi.common.messages import (
-    CancelRequest, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
+    CancelRequest, DecodeStatus, DecodeTask, ErrorInfo, Heartbeat, KVRelease, KVRenew, KVReservation, KVReserve, TaskAck, decode,
     encode,
 )
-from tsukimi.common.runner import run_with_probe
+from tsukimi.common.service_runtime import run_with_probe
 from tsukimi.common.settings import Settings
 from tsukimi.decode.arena_size import arena_for
 from tsukimi.decode.calibration import DecodeCosts, measure
@@ -33,7 +32,7 @@ from tsukimi.model.loader import load_model
 from tsukimi.model.spec import max_model_len
 from tsukimi.kvpool.prefix_cache import PrefixCache
 from tsukimi.transfer.engine import TransferEngine
-from tsukimi.transfer.metadata import NatsMetadataStore
+from tsukimi.worker.runtime import WorkerRuntime, prepare_worker
 
 log = logging.getLogger("tsukimi.decode")
 
@@ -61,16 +60,16 @@ class DecodeService:
     def __init__(self, settings: Settings, engine: DecodeEngine, costs: DecodeCosts | None = None,
                  colocated_with: str = "", cache=None):
         self.settings = settings
-        # Where finished sequences' full blocks go, so a conversation's next turn reuses its answer too: the
-        # pool's prefix cache (made in `run` when enabled), or a given one with the same interface (the colocated
-        # worker's in-process cache).
-        self.cache: PrefixCache | None = cache
-        self._has_own_cache = cache is not None
+        self.instance_id = settings.instance_name("decode")
+        # Start-up, cancellations, background stores, shutdown; the transfer engine and where finished sequences'
+        # full blocks go, so a conversation's next turn reuses its answer too: the prefix cache (`cache`: the
+        # colocated worker's in-process one, or the pool's made at start-up).
+        self.runtime = WorkerRuntime(settings, self.instance_id, cache)
+        # NOTE: background stores of finished sequences' blocks are the runtime's, awaited (briefly) on shutdown.
+        self._stores = self.runtime.background
         # Whether finished blocks go to the pool straight from the arena (set in `run`): with the pool's cache, and
         # unless this engine offers rdma, which cannot read the guarded (so unregistered for rdma) arena.
         self._can_store_from_arena = False
-        # Background stores of finished sequences' blocks, awaited (briefly) on shutdown.
-        self._stores: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         engine.on_finish = self._keep_blocks
         # Colocated worker: id of the prefill half of this process ("" when disaggregated).
@@ -81,9 +80,7 @@ class DecodeService:
         # Cost model fitted at start-up and corrected by every step; None: not calibrated, none published.
         self.costs = costs
         self.host = socket.gethostname()
-        self.instance_id = settings.instance_name("decode")
         self.inbox = KVInbox(engine.kv.manager, settings.kv_orphan_ttl_s)
-        self.transfer: TransferEngine | None = None
         self.arena = None
         self._arrived: list[Sequence] = []
         self._cancelled: set[str] = set()
@@ -94,15 +91,17 @@ class DecodeService:
 
     def heartbeat(self, is_leaving: bool) -> Heartbeat:
         return Heartbeat(
-            instance_id=self.instance_id, kind="decode", model=self.settings.model_name(),
-            kv_segment=self.transfer.segment_name if self.transfer else "", num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
-            max_running=self.engine.max_batch_size,
-            num_free_kv_bytes=self.engine.kv.num_free_blocks * self.engine.kv.block_bytes,
-            num_kv_bytes=self.engine.kv.num_blocks * self.engine.kv.block_bytes,
-            predicted_tbt_s=self.engine.predicted_step_s(),
+            instance_id=self.instance_id, model=self.settings.model_name(),
+            kv_segment=self.transfer.segment_name if self.transfer else "",
+            status=DecodeStatus(
+                num_waiting=self.engine.num_waiting, num_running=self.engine.num_running,
+                max_running=self.engine.max_batch_size,
+                num_free_kv_bytes=self.engine.kv.num_free_blocks * self.engine.kv.block_bytes,
+                num_kv_bytes=self.engine.kv.num_blocks * self.engine.kv.block_bytes,
+                predicted_tbt_s=self.engine.predicted_step_s(), num_context_tokens=self.engine.num_context_tokens,
+                progress=self.engine.progress()),
             max_model_len=self.engine.max_model_len, sent_at=time.time(), is_leaving=is_leaving, host=self.host,
-            cost_model=self.costs.model if self.costs else None, num_context_tokens=self.engine.num_context_tokens,
-            progress=self.engine.progress(), colocated_with=self.colocated_with,
+            cost_model=self.costs.model if self.costs else None, colocated_with=self.colocated_with,
         )
 
     async def _on_reserve(self, msg) -> None:
@@ -150,11 +149,15 @@ class DecodeService:
         self._wake.set()
         await msg.respond(encode(TaskAck(is_accepted=True)))
 
-    async def _on_cancel(self, msg) -> None:
-        try:
-            cancel = decode(msg.data, CancelRequest)
-        except msgspec.ValidationError:
-            return
+    @property
+    def transfer(self) -> TransferEngine | None:
+        return self.runtime.transfer
+
+    @property
+    def cache(self) -> PrefixCache | None:
+        return self.runtime.cache
+
+    def _on_cancel(self, cancel: CancelRequest) -> None:
         rid = cancel.request_id
         # NOTE: a reservation is only marked: prefill releases it once its writes are over (or its TTL passes).
         self.inbox.cancel(rid)
@@ -220,42 +223,25 @@ class DecodeService:
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
-    async def _on_cachestore(self, msg) -> None:
-        try:
-            self.cache.follow(decode(msg.data, Heartbeat))
-        except msgspec.ValidationError:
-            return
-
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        self.nc = await connect(self.settings.nats_url, self.instance_id)
-        self.transfer = TransferEngine(
-            self.instance_id, self.settings.secret_bytes(), NatsMetadataStore(self.nc, self.settings.segment_ttl_s),
-            host=self.settings.kv_host, port=self.settings.kv_port,
-            num_connections=self.settings.transfer_connections, timeout_s=self.settings.kv_transfer_timeout_s)
-        await self.transfer.start()
+        self.nc = await self.runtime.start()
         if self.engine.kv.region is None:
             raise RuntimeError("the decode engine's KV blocks must live in shared memory (KVBlocks.shared)")
         self.arena = self.transfer.adopt(self.engine.kv.region)
         # NOTE: one guard unit per block: prefill's writes land only in the blocks of the reservation they name.
         self.inbox.guard = self.transfer.guard(self.arena, self.engine.kv.block_bytes)
         await self.transfer.publish()
-        if self.settings.is_cache_enabled and not self._has_own_cache:
-            self.cache = PrefixCache(self.transfer, self.settings.model_name(), self.settings.cache_block_tokens,
-                                     self.settings.secret_bytes(), self.settings.cache_hold_leases,
-                                     self.settings.cache_reserve_bytes)
-            await self.nc.subscribe(subjects.heartbeat("cachestore", "*"), cb=self._on_cachestore)
-            self._can_store_from_arena = (self.arena.mr is not None
-                                          or "rdma" not in self.transfer.descriptor().transports)
+        await self.runtime.open_cache(PrefixCache)
+        self._can_store_from_arena = isinstance(self.cache, PrefixCache) and (
+            self.arena.mr is not None or "rdma" not in self.transfer.descriptor().transports)
         await self.nc.subscribe(subjects.decode_reserve(self.instance_id), cb=self._on_reserve)
         await self.nc.subscribe(subjects.decode_tasks(self.instance_id), cb=self._on_task)
         await self.nc.subscribe(subjects.decode_release(self.instance_id), cb=self._on_release)
         await self.nc.subscribe(subjects.decode_renew(self.instance_id), cb=self._on_renew)
-        await self.nc.subscribe(subjects.CANCEL, cb=self._on_cancel)
-        beats = asyncio.create_task(heartbeat_forever(
-            self.nc, subjects.heartbeat("decode", self.instance_id), self.heartbeat,
-            self.settings.heartbeat_interval_s, stop,
-        ))
+        await self.runtime.follow_cancels(self._on_cancel)
+        self.runtime.beat("decode", self.heartbeat, self.settings.heartbeat_interval_s, stop)
+        self.runtime.on_close(self._compute.close)
         kv = self.engine.kv
         ARENA_BYTES.set(kv.num_blocks * kv.block_bytes)
         ARENA_BLOCKS.set(kv.num_blocks)
@@ -280,14 +266,7 @@ class DecodeService:
                     FREED.labels("orphaned").inc()
                 last_sweep = time.monotonic()
             self._export()
-        await beats
-        if self._stores:
-            await asyncio.wait(self._stores, timeout=5)
-        if self.cache is not None:
-            await self.cache.close()
-        await self.transfer.close()
-        self._compute.close()
-        await self.nc.drain()
+        await self.runtime.shutdown()
 
     async def _step(self) -> None:
         arrived, self._arrived = self._arrived, []
@@ -339,11 +318,7 @@ def bound_by_tbt(engine: DecodeEngine, costs: DecodeCosts, tbt_slo_s: float) -> 
 
 def main(settings: Settings) -> None:
     """Runs one decode worker until SIGINT/SIGTERM."""
-    try:
-        settings.secret_bytes()
-    except ValueError as exc:
-        raise SystemExit(f"tsukimi decode: {exc}") from None
-    torch.set_num_threads(settings.torch_threads)
+    prepare_worker(settings, "decode")
     model = load_model(settings.model)
     engine = build_engine(settings, model)
     # NOTE: calibration (~2-3 s: 3 batches, more within its budget) runs before the worker serves, so its

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from tsukimi.common import subjects
 from tsukimi.common.bus import connect
+from tsukimi.common.service_runtime import ServiceRuntime, run_until_signal
 from tsukimi.common.messages import (
     CancelRequest,
     ErrorInfo,
@@ -27,7 +28,6 @@ from tsukimi.common.messages import (
     encode,
 )
 from tsukimi.common.registry import InstanceRegistry
-from tsukimi.common.runner import run_until_signal
 from tsukimi.common.settings import Settings
 from tsukimi.gateway import errors
 from tsukimi.gateway.app import create_app
@@ -118,12 +118,16 @@ class GatewayBus:
         self._heartbeats = await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=self._on_heartbeat)
         return self
 
-    async def close(self, *, drain: bool = True) -> None:
-        """Stops tracking heartbeats and closes the connection."""
+    async def stop_tracking(self) -> None:
+        """Stops tracking heartbeats (the connection stays: its owner closes it)."""
         if self._heartbeats is not None:
             with contextlib.suppress(nats.errors.Error):
                 await self._heartbeats.unsubscribe()
             self._heartbeats = None
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stops tracking heartbeats and closes the connection (a bus made by `connect`)."""
+        await self.stop_tracking()
         if not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 if drain:
@@ -230,6 +234,8 @@ class GatewayService:
         self.settings = settings
         self._tokenizer = tokenizer
         self.bus: GatewayBus | None = None
+        # Start-up and shutdown (the gateway sends no heartbeats: nobody places work on it).
+        self.runtime: ServiceRuntime | None = None
         self.port: int | None = None
         self._server: _Server | None = None
         self._task: asyncio.Task | None = None
@@ -245,7 +251,11 @@ class GatewayService:
         sock = _bind(self.settings.host, self.settings.gateway_port)
         self.port = sock.getsockname()[1]
         try:
-            self.bus = await GatewayBus.connect(self.settings)
+            self.runtime = ServiceRuntime(self.settings.instance_name("gateway"))
+            nc = await self.runtime.connect(self.settings.nats_url)
+            self.bus = await GatewayBus(nc, submit_timeout_s=self.settings.submit_timeout_s,
+                                        instance_ttl_s=self.settings.instance_ttl_s).start()
+            self.runtime.on_close(self.bus.stop_tracking)
             app = create_app(self.settings, self.bus, tokenizer)
             config = uvicorn.Config(
                 app,
@@ -270,14 +280,18 @@ class GatewayService:
 
     async def stop(self) -> None:
         """Stops accepting, lets open requests finish (briefly), then disconnects from NATS."""
+        if self.runtime is not None:
+            await self.runtime.shutdown(self._stop_http)
+        else:
+            await self._stop_http()
+        self.runtime = self.bus = None
+
+    async def _stop_http(self) -> None:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
         self._server = self._task = None
-        if self.bus is not None:
-            await self.bus.close()
-            self.bus = None
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

@@ -169,13 +169,13 @@ async def test_client_disconnect_frees_decode(demo_up):
         deadline = time.monotonic() + 10
         while True:
             d = beats.get("decode")
-            if d and d.num_running == 0 and d.num_waiting == 0:
+            if d and d.status.num_running == 0 and d.status.num_waiting == 0:
                 break
             assert time.monotonic() < deadline, f"decode still busy: {d}"
             await asyncio.sleep(0.2)
-        freed = d.num_free_kv_bytes
+        freed = d.status.num_free_kv_bytes
         await asyncio.sleep(0.8)
-        assert beats["decode"].num_free_kv_bytes == freed  # stable: nothing stranded
+        assert beats["decode"].status.num_free_kv_bytes == freed  # stable: nothing stranded
     finally:
         await nc.close()
     async with httpx.AsyncClient(base_url=demo_up.base_url, timeout=30) as client:

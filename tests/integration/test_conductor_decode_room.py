@@ -13,7 +13,7 @@ import nats
 from tsukimi.common import subjects
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import (
-    CancelRequest, GenerateRequest, Heartbeat, PrefillTask, SamplingParams, SubmitReply, TaskAck, decode, encode,
+    CancelRequest, DecodeStatus, GenerateRequest, Heartbeat, PrefillStatus, PrefillTask, SamplingParams, SubmitReply, TaskAck, decode, encode,
 )
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.service import ConductorService
@@ -57,11 +57,12 @@ class FakeWorkers:
     async def beat(self) -> None:
         m = self.model
         await self.nc.publish(subjects.heartbeat("prefill", f"{m}-p0"), encode(Heartbeat(
-            instance_id=f"{m}-p0", kind="prefill", model=m, cost_model=COST, host="h")))
+            instance_id=f"{m}-p0", status=PrefillStatus(), model=m, cost_model=COST, host="h")))
         await self.nc.publish(subjects.heartbeat("decode", f"{m}-d0"), encode(Heartbeat(
-            instance_id=f"{m}-d0", kind="decode", model=m, kv_segment=f"{m}-d0", max_running=64, cost_model=COST,
-            host="h", num_kv_bytes=NUM_BLOCKS * BLOCK_BYTES, num_free_kv_bytes=self.free_blocks * BLOCK_BYTES,
-            progress=dict(self.progress), num_running=len(self.progress))))
+            instance_id=f"{m}-d0", model=m, kv_segment=f"{m}-d0", cost_model=COST, host="h",
+            status=DecodeStatus(max_running=64, num_kv_bytes=NUM_BLOCKS * BLOCK_BYTES,
+                                num_free_kv_bytes=self.free_blocks * BLOCK_BYTES, progress=dict(self.progress),
+                                num_running=len(self.progress)))))
 
 
 def _request(model: str, num_prompt: int, max_tokens: int) -> GenerateRequest:

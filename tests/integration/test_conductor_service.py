@@ -13,7 +13,7 @@ import nats
 from tsukimi.common import subjects
 from tsukimi.common.cost_model import CostModel
 from tsukimi.common.messages import (
-    GenerateRequest, Heartbeat, PrefillTask, SamplingParams, SubmitReply, TaskAck, decode, encode,
+    DecodeStatus, GenerateRequest, Heartbeat, PrefillStatus, PrefillTask, SamplingParams, SubmitReply, TaskAck, decode, encode,
 )
 from tsukimi.common.settings import Settings
 from tsukimi.conductor.service import ConductorService
@@ -37,11 +37,11 @@ async def _fake_workers(nc, model: str, queued_s: float, tasks: collections.Coun
     while not stop.is_set():
         for i in range(2):
             await nc.publish(subjects.heartbeat("prefill", f"{model}-p{i}"), encode(Heartbeat(
-                instance_id=f"{model}-p{i}", kind="prefill", model=model, cost_model=COST, queued_prefill_s=queued_s,
-                host="h")))
+                instance_id=f"{model}-p{i}", model=model, cost_model=COST,
+                status=PrefillStatus(queued_prefill_s=queued_s), host="h")))
         await nc.publish(subjects.heartbeat("decode", f"{model}-d0"), encode(Heartbeat(
-            instance_id=f"{model}-d0", kind="decode", model=model, kv_segment=f"{model}-d0", max_running=64,
-            cost_model=COST, host="h", num_free_kv_bytes=1 << 30)))
+            instance_id=f"{model}-d0", model=model, kv_segment=f"{model}-d0", cost_model=COST, host="h",
+            status=DecodeStatus(max_running=64, num_free_kv_bytes=1 << 30))))
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
         except asyncio.TimeoutError:

@@ -23,9 +23,11 @@ import pytest
 from tsukimi.common import subjects
 from tsukimi.common.messages import (
     CancelRequest,
+    DecodeStatus,
     ErrorInfo,
     GenerateRequest,
     Heartbeat,
+    PrefillStatus,
     SubmitReply,
     TokenEvent,
     decode,
@@ -333,7 +335,8 @@ async def test_health_follows_heartbeats(gateway, nc):
         assert set(response.json()["missing"]) == {"prefill", "decode"}
 
         for kind in ("prefill", "decode"):
-            beat = Heartbeat(instance_id=f"hc-{kind}", kind=kind, model="demo", sent_at=time.time())
+            status = PrefillStatus() if kind == "prefill" else DecodeStatus()
+            beat = Heartbeat(instance_id=f"hc-{kind}", status=status, model="demo", sent_at=time.time())
             await nc.publish(subjects.heartbeat(kind, beat.instance_id), encode(beat))
         await nc.flush()
         for _ in range(100):
@@ -344,7 +347,7 @@ async def test_health_follows_heartbeats(gateway, nc):
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "ok"
 
-        leaving = Heartbeat(instance_id="hc-decode", kind="decode", is_leaving=True)
+        leaving = Heartbeat(instance_id="hc-decode", status=DecodeStatus(), is_leaving=True)
         await nc.publish(subjects.heartbeat("decode", "hc-decode"), encode(leaving))
         await nc.flush()
         for _ in range(100):

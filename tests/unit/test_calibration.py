@@ -326,28 +326,28 @@ async def test_prefill_heartbeat_carries_the_cost_model_and_queued_time(model):
     beat = service.heartbeat(False)
     assert beat.cost_model == costs.model and beat.cost_model.source == "measured"
     assert beat.host == socket.gethostname()
-    assert beat.queued_prefill_s == 0.0
+    assert beat.status.queued_prefill_s == 0.0
     assert decode(encode(beat), Heartbeat).cost_model == costs.model
     for n in (30, 200):
         msg = FakeMsg(encode(task(n)))
         await service._on_task(msg)
         assert decode(msg.reply, TaskAck).is_accepted
     queued = costs.model.prefill_s(30) + costs.model.prefill_s(200)
-    assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued)
+    assert service.heartbeat(False).status.queued_prefill_s == pytest.approx(queued)
     # A prefill in progress adds what remains of its prediction: all of it before its first chunk, then the share
     # of its tokens still to compute.
-    service._expect("r", 100, 0)
-    assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued + costs.model.prefill_s(100))
+    service.pipeline.expect("r", 100, 0)
+    assert service.heartbeat(False).status.queued_prefill_s == pytest.approx(queued + costs.model.prefill_s(100))
     job = PrefillEngine(model, chunk_tokens=25).start(list(range(100)))
     job.step()
     service._active["r"] = (service._active["r"][0], job)
-    assert service.heartbeat(False).queued_prefill_s == pytest.approx(queued + 0.75 * costs.model.prefill_s(100))
-    assert service.heartbeat(False).num_running == 1
+    assert service.heartbeat(False).status.queued_prefill_s == pytest.approx(queued + 0.75 * costs.model.prefill_s(100))
+    assert service.heartbeat(False).status.num_running == 1
     service._active.clear()
     # Taking a task off the queue (shutdown here) drops it from the prediction.
     service.nc = FakeBus()
     await service._fail_queued("stopping")
-    assert service.heartbeat(False).queued_prefill_s == 0.0
+    assert service.heartbeat(False).status.queued_prefill_s == 0.0
 
 
 async def test_prefill_records_real_runs(model):
@@ -357,7 +357,7 @@ async def test_prefill_records_real_runs(model):
     service.nc = FakeBus()
     t = task(40)
     t.request.sampling.max_tokens = 1  # finishes at prefill: no hand-over to a decode worker
-    await service._process(t)
+    await service.pipeline.run(t)
     assert [(n, r) for n, r, _ in costs.recent] == [(40, 0)]
     assert costs.recent[0][2] > 0
 
@@ -376,16 +376,16 @@ async def test_decode_heartbeat_carries_the_cost_model_and_context(model):
     service = DecodeService(Settings(instance_id="d-test"), engine, costs)
     service.nc = FakeBus()
     beat = service.heartbeat(False)
-    assert beat.cost_model == costs.model and beat.host == socket.gethostname() and beat.num_context_tokens == 0
-    assert beat.num_free_kv_bytes == 256 * engine.kv.block_bytes
+    assert beat.cost_model == costs.model and beat.host == socket.gethostname() and beat.status.num_context_tokens == 0
+    assert beat.status.num_free_kv_bytes == 256 * engine.kv.block_bytes
     service._arrived = [engine.sequence_with_kv(
         f"r{i}", SamplingParams(temperature=0.0, max_tokens=100),
         [(torch.zeros(1, 2, 10 + i, 64), torch.zeros(1, 2, 10 + i, 64)) for _ in range(8)], 1) for i in range(3)]
     await service._step()
     beat = service.heartbeat(False)
-    assert beat.num_context_tokens == 11 + 12 + 13
+    assert beat.status.num_context_tokens == 11 + 12 + 13
     # One 16-token block each.
-    assert beat.num_free_kv_bytes == 253 * engine.kv.block_bytes
+    assert beat.status.num_free_kv_bytes == 253 * engine.kv.block_bytes
     assert [(b, c) for b, c, _ in costs.recent] == [(3, 33)]
     assert service.heartbeat(False).cost_model is costs.model
     assert DecodeService(Settings(instance_id="d-test"), _engine(model, 4, MAX_LEN)).heartbeat(

@@ -5,7 +5,9 @@ import msgspec
 import pytest
 
 from tsukimi.common.cost_model import CostModel
-from tsukimi.common.messages import BlockStored, Heartbeat, PoolEvents, PoolSnapshot
+from tsukimi.common.messages import (
+    BlockStored, CachestoreStatus, DecodeStatus, Heartbeat, PoolEvents, PoolSnapshot, PrefillStatus,
+)
 from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.common.registry import InstanceRegistry
 from tsukimi.conductor.cluster import DEFAULT_COST, ClusterView
@@ -17,9 +19,16 @@ COST = CostModel(prefill_per_token_s=0.001, decode_base_s=0.01, decode_per_seq_s
 
 def beat(iid, kind, waiting=0, running=0, model="demo", host="h1", queued_s=0.0, cost=COST, max_running=8,
          free=1 << 20, context=0):
-    return Heartbeat(instance_id=iid, kind=kind, model=model, host=host, num_waiting=waiting, num_running=running,
-                     max_running=max_running, num_free_kv_bytes=free, queued_prefill_s=queued_s, cost_model=cost,
-                     num_context_tokens=context, kv_segment=iid if kind != "prefill" else "")
+    if kind == "prefill":
+        status = PrefillStatus(num_waiting=waiting, num_running=running, max_running=max_running,
+                               queued_prefill_s=queued_s)
+    elif kind == "decode":
+        status = DecodeStatus(num_waiting=waiting, num_running=running, max_running=max_running,
+                              num_free_kv_bytes=free, num_context_tokens=context)
+    else:
+        status = CachestoreStatus()
+    return Heartbeat(instance_id=iid, status=status, model=model, host=host, cost_model=cost,
+                     kv_segment=iid if kind != "prefill" else "")
 
 
 def view_with(*beats, pool=None, now=0.0):
@@ -121,4 +130,4 @@ def test_decode_progress_rebooks_entries_and_adopts_requests_placed_elsewhere():
 
 
 def _with_progress(b, progress):
-    return msgspec.structs.replace(b, progress=progress)
+    return msgspec.structs.replace(b, status=msgspec.structs.replace(b.status, progress=progress))

@@ -10,7 +10,7 @@ import torch
 
 from tsukimi.kvpool.block_keys import block_keys
 from tsukimi.common.cost_model import CostModel
-from tsukimi.common.messages import Heartbeat
+from tsukimi.common.messages import Heartbeat, PrefillStatus
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
 from tsukimi.colocated.service import ComputeLock, LocalPrefixCache
@@ -243,7 +243,8 @@ def test_colocated_needs_a_live_pair_and_rejects_a_full_one():
 
 def test_cluster_view_learns_the_pair_from_heartbeats():
     view = ClusterView(None)
-    view.observe(Heartbeat(instance_id="c0-prefill", kind="prefill", model="demo", colocated_with="c0-decode"), 0.0)
-    view.observe(Heartbeat(instance_id="p1", kind="prefill", model="demo"), 0.0)
+    view.observe(Heartbeat(instance_id="c0-prefill", status=PrefillStatus(), model="demo",
+                           colocated_with="c0-decode"), 0.0)
+    view.observe(Heartbeat(instance_id="p1", status=PrefillStatus(), model="demo"), 0.0)
     assert view.prefills["c0-prefill"].colocated_with == "c0-decode"
     assert view.prefills["p1"].colocated_with == ""

@@ -4,7 +4,7 @@ any prefill is asked; a request for a model nobody serves is a 503."""
 import time
 
 from tsukimi.common.cost_model import CostModel
-from tsukimi.common.messages import GenerateRequest, Heartbeat, SamplingParams
+from tsukimi.common.messages import DecodeStatus, GenerateRequest, Heartbeat, PrefillStatus, SamplingParams
 from tsukimi.common.settings import Settings
 from tsukimi.conductor import refusals
 from tsukimi.conductor.service import ConductorService
@@ -21,8 +21,10 @@ class NoJournal:
 def service(**settings) -> ConductorService:
     svc = ConductorService(Settings(nats_url="nats://127.0.0.1:1", **settings), NoJournal())
     for kind in ("prefill", "decode"):
-        beat = Heartbeat(instance_id=f"{kind}-0", kind=kind, model="demo", max_running=8, cost_model=COST,
-                         kv_segment=f"{kind}-0", queued_prefill_s=40.0 if kind == "prefill" else 0.0)
+        status = PrefillStatus(max_running=8, queued_prefill_s=40.0) if kind == "prefill" else DecodeStatus(
+            max_running=8)
+        beat = Heartbeat(instance_id=f"{kind}-0", status=status, model="demo", cost_model=COST,
+                         kv_segment=f"{kind}-0")
         svc.registry.observe(beat, time.monotonic())
         svc.view.observe(beat, time.monotonic())
     return svc
@@ -48,8 +50,8 @@ async def test_retry_after_comes_from_the_bounded_ttft():
     # prefill-0's model measured up to 1000 tokens, its pair term steep: 1 ms per token + 10 us per pair.
     ranged = CostModel(prefill_per_token_s=0.001, prefill_per_pair_s=1e-5, prefill_max_tokens=1000,
                        decode_base_s=0.01, source="measured")
-    beat = Heartbeat(instance_id="prefill-0", kind="prefill", model="demo", max_running=8, cost_model=ranged,
-                     kv_segment="prefill-0", queued_prefill_s=0.0)
+    beat = Heartbeat(instance_id="prefill-0", status=PrefillStatus(max_running=8, queued_prefill_s=0.0),
+                     model="demo", cost_model=ranged, kv_segment="prefill-0")
     svc.view.observe(beat, time.monotonic())
     long = GenerateRequest(request_id="r2", model="demo", prompt_token_ids=list(range(6000)),
                            sampling=SamplingParams(max_tokens=16), arrival_time=0.0)

@@ -7,7 +7,7 @@ import pytest
 from tsukimi.common.cost_model import (
     CostModel, fit_decode, fit_error, fit_prefill, is_decode_determined, is_prefill_determined, roofline,
 )
-from tsukimi.common.messages import Heartbeat, decode, encode
+from tsukimi.common.messages import Heartbeat, PrefillStatus, decode, encode
 from tsukimi.decode.calibration import DecodeCosts
 from tsukimi.prefill.calibration import PrefillCosts
 
@@ -100,7 +100,7 @@ def test_the_fitted_range_is_what_was_measured_and_old_heartbeats_still_decode()
     assert (decode_costs.model.decode_max_batch_size, decode_costs.model.decode_max_context_tokens) == (16, 8192)
     assert decode_costs.error[0] == pytest.approx(0.0, abs=1e-9)
     # A heartbeat of a version without the range decodes with none (no bound).
-    beat = Heartbeat(instance_id="p", kind="prefill", model="m", cost_model=prefill.model)
+    beat = Heartbeat(instance_id="p", status=PrefillStatus(), model="m", cost_model=prefill.model)
     raw = msgspec.msgpack.decode(encode(beat))
     for field in ("prefill_max_tokens", "decode_max_batch_size", "decode_max_context_tokens"):
         del raw["cost_model"][field]

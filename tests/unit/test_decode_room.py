@@ -3,7 +3,7 @@ arena beside what is booked there, and against the free KV last reported less wh
 there yet; a request larger than every arena is rejected at once. Exact expectations, no broker."""
 
 from tsukimi.common.cost_model import CostModel
-from tsukimi.common.messages import Heartbeat
+from tsukimi.common.messages import DecodeStatus, Heartbeat, PrefillStatus
 from tsukimi.kvpool.pool_view import PoolView
 from tsukimi.conductor.cluster import ClusterView, DecodeEntry, DecodeInstance, PrefillInstance
 from tsukimi.conductor.placement import PlacementConfig, Placer, Request
@@ -15,14 +15,15 @@ BLOCK = 64
 
 
 def decode_beat(total_blocks=32, free_blocks=32, progress=None, context=0):
-    return Heartbeat(instance_id="d0", kind="decode", model="demo", host="h", max_running=64, cost_model=COST,
-                     num_kv_bytes=total_blocks * BLOCK * 100, num_free_kv_bytes=free_blocks * BLOCK * 100,
-                     progress=progress, num_context_tokens=context, num_running=len(progress or {}))
+    status = DecodeStatus(max_running=64, num_kv_bytes=total_blocks * BLOCK * 100,
+                          num_free_kv_bytes=free_blocks * BLOCK * 100, progress=progress, num_context_tokens=context,
+                          num_running=len(progress or {}))
+    return Heartbeat(instance_id="d0", status=status, model="demo", host="h", cost_model=COST)
 
 
 def view_with(*beats, now=0.0) -> ClusterView:
     view = ClusterView(PoolView(), block_tokens=BLOCK)
-    view.observe(Heartbeat(instance_id="p0", kind="prefill", model="demo", host="h", cost_model=COST), now)
+    view.observe(Heartbeat(instance_id="p0", status=PrefillStatus(), model="demo", host="h", cost_model=COST), now)
     for beat in beats:
         view.observe(beat, now)
     return view

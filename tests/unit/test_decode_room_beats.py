@@ -40,12 +40,12 @@ def kv_of(engine: DecodeEngine, num_tokens: int):
 async def test_heartbeat_reports_the_whole_arena_and_each_request_s_final_context():
     service, engine, _ = tiny_service()
     beat = service.heartbeat(False)
-    assert beat.num_kv_bytes == 32 * engine.kv.block_bytes == beat.num_free_kv_bytes
+    assert beat.status.num_kv_bytes == 32 * engine.kv.block_bytes == beat.status.num_free_kv_bytes
     sampling = SamplingParams(temperature=0.0, max_tokens=5)
     service._arrived = [engine.sequence_with_kv("a", sampling, kv_of(engine, 10), 1)]
     await service._step()  # one step: 11 tokens held, 2 of 5 output tokens out
-    assert service.heartbeat(False).progress == {"a": (3, 14)}
-    assert service.heartbeat(False).num_kv_bytes == 32 * engine.kv.block_bytes
+    assert service.heartbeat(False).status.progress == {"a": (3, 14)}
+    assert service.heartbeat(False).status.num_kv_bytes == 32 * engine.kv.block_bytes
 
 
 async def test_a_heartbeat_goes_out_at_once_when_a_sequence_leaves():
@@ -56,7 +56,7 @@ async def test_a_heartbeat_goes_out_at_once_when_a_sequence_leaves():
     subject = subjects.heartbeat("decode", "d-test")
     beats = [decode(data, Heartbeat) for s, data in bus.published if s == subject]
     assert len(beats) == 1
-    assert beats[0].progress == {} and beats[0].num_free_kv_bytes == 32 * engine.kv.block_bytes
+    assert beats[0].status.progress == {} and beats[0].status.num_free_kv_bytes == 32 * engine.kv.block_bytes
     service._arrived = [engine.sequence_with_kv("b", SamplingParams(temperature=0.0, max_tokens=3), kv_of(engine, 10),
                                                 1)]
     await service._step()  # nobody leaves: no early heartbeat

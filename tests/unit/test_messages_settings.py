@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from tsukimi.common.messages import (
-    SCHEMA_VERSION, GenerateRequest, Heartbeat, SamplingParams, TokenEvent, decode, encode,
+    SCHEMA_VERSION, DecodeStatus, GenerateRequest, Heartbeat, SamplingParams, TokenEvent, decode, encode,
 )
 from tsukimi.common.settings import Settings
 
@@ -15,7 +15,7 @@ def test_roundtrip_and_foreign_payloads():
                           sampling=SamplingParams(temperature=0.5, seed=9, stop_token_ids=[256]), arrival_time=1.5)
     assert decode(encode(req), GenerateRequest) == req
     with pytest.raises(msgspec.ValidationError):
-        decode(encode(Heartbeat(instance_id="x", kind="decode")), GenerateRequest)
+        decode(encode(Heartbeat(instance_id="x", status=DecodeStatus())), GenerateRequest)
     with pytest.raises(msgspec.DecodeError):
         decode(b"\xff\x00garbage", TokenEvent)
     newer = TokenEvent(request_id="r", index=0, schema_version=SCHEMA_VERSION + 1)

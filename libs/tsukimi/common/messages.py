@@ -210,60 +210,100 @@ class CancelRequest(Message):
     reason: str
 
 
+class PrefillStatus(msgspec.Struct, kw_only=True, tag_field="kind", tag="prefill"):
+    """How loaded a prefill worker is."""
+
+    # Requests queued, not yet running.
+    num_waiting: int = 0
+    # Requests running (in the prefill forward).
+    num_running: int = 0
+    # Most requests it runs at once.
+    max_running: int = 1
+    # Predicted seconds of the prompts queued or running there.
+    queued_prefill_s: float = 0.0
+
+
+class DecodeStatus(msgspec.Struct, kw_only=True, tag_field="kind", tag="decode"):
+    """How loaded a decode worker is and how much KV room it has."""
+
+    # Requests queued, not yet running.
+    num_waiting: int = 0
+    # Requests running in the decode batch.
+    num_running: int = 0
+    # Most requests it runs at once.
+    max_running: int = 1
+    # KV bytes free for new requests (free blocks times block size).
+    num_free_kv_bytes: int = 0
+    # Bytes of all its KV blocks, free or not (no request needing more can ever run there); 0: unknown.
+    num_kv_bytes: int = 0
+    # Predicted seconds of the next step of the running batch (its current TBT).
+    predicted_tbt_s: float = 0.0
+    # Tokens of context held by its running batch.
+    num_context_tokens: int = 0
+    # Per request it holds (waiting or running): (output tokens still to generate, tokens of context it will
+    # hold at its end). None from instances that do not report it.
+    progress: dict[str, tuple[int, int]] | None = None
+
+
+class CachestoreStatus(msgspec.Struct, kw_only=True, tag_field="kind", tag="cachestore"):
+    """What a cache pool instance contributes to the pool."""
+
+    # True while this instance is the pool's master (clients send their metadata calls there).
+    is_pool_master: bool = False
+    # Registered buffer id of its DRAM segment.
+    kv_buffer_id: int = 0
+    # Bytes of DRAM it contributes to the pool.
+    num_dram_bytes: int = 0
+    # Bytes of SSD it contributes to the pool.
+    num_ssd_bytes: int = 0
+
+
+class ConductorStatus(msgspec.Struct, kw_only=True, tag_field="kind", tag="conductor"):
+    """A conductor reports nothing but being alive."""
+
+
+InstanceStatus = PrefillStatus | DecodeStatus | CachestoreStatus | ConductorStatus
+
+
 class Heartbeat(Message):
-    """Instance -> everyone, every `heartbeat_interval_s`: it is alive, where it listens, how loaded it is."""
+    """Instance -> everyone, every `heartbeat_interval_s`: it is alive, where it listens, and (in `status`,
+    tagged by its kind) how loaded it is."""
 
     # Unique instance name.
     instance_id: str
-    # Which pool it belongs to.
-    kind: InstanceKind
+    # Its kind's own fields; its tag is the instance's kind (which pool it belongs to).
+    status: InstanceStatus
     # Served model name ("" for services without a model).
     model: str = ""
     # Its transfer-engine segment name (decode: where prefill writes KV); "" when it has none.
     kv_segment: str = ""
     # "host:port" of its gRPC API (cachestore); "" when it has none.
     grpc_address: str = ""
-    # Requests queued, not yet running.
-    num_waiting: int = 0
-    # Requests running (in the prefill forward or the decode batch).
-    num_running: int = 0
-    # Most requests it runs at once.
-    max_running: int = 1
-    # KV bytes free for new requests (decode: free blocks times block size).
-    num_free_kv_bytes: int = 0
-    # Decode: bytes of all its KV blocks, free or not (no request needing more can ever run there); 0: unknown.
-    num_kv_bytes: int = 0
-    # Decode: predicted seconds of the next step of the running batch (its current TBT).
-    predicted_tbt_s: float = 0.0
     # Longest prompt + output the model takes.
     max_model_len: int = 0
     # Wall-clock time of sending.
     sent_at: float = 0.0
     # True on the last heartbeat of an instance shutting down: drop it now.
     is_leaving: bool = False
-    # Cachestore: true while this instance is the pool's master (clients send their metadata calls there).
-    is_pool_master: bool = False
-    # Cachestore: registered buffer id of its DRAM segment.
-    kv_buffer_id: int = 0
-    # Cachestore: bytes of DRAM and of SSD it contributes to the pool.
-    num_dram_bytes: int = 0
-    num_ssd_bytes: int = 0
     # Random id of this process's run: a restarted instance with the same id is a new member to its master.
     boot_id: str = ""
     # Host it runs on (instances on one host reach each other's memory through shared memory).
     host: str = ""
     # Model workers: the cost model fitted from their own measurements (None until measured).
     cost_model: CostModel | None = None
-    # Prefill: predicted seconds of the prompts queued or running there.
-    queued_prefill_s: float = 0.0
-    # Decode: tokens of context held by its running batch.
-    num_context_tokens: int = 0
-    # Decode: per request it holds (waiting or running): (output tokens still to generate, tokens of context it
-    # will hold at its end). None from instances that do not report it.
-    progress: dict[str, tuple[int, int]] | None = None
     # Colocated worker (`tsukimi up --colocated`): id of the other half of its process (a prefill names its
     # decode and vice versa); "" for a disaggregated instance.
     colocated_with: str = ""
+
+    @property
+    def kind(self) -> InstanceKind:
+        """Which pool it belongs to: the tag of its status."""
+        return self.status.__struct_config__.tag
+
+    @property
+    def is_pool_master(self) -> bool:
+        """True when it is a cachestore that is the pool's master."""
+        return isinstance(self.status, CachestoreStatus) and self.status.is_pool_master
 
 
 class BlockStored(msgspec.Struct, tag=True, frozen=True):
