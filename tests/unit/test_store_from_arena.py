@@ -105,7 +105,7 @@ class RecordingCache:
 
 async def test_decode_keeps_the_answer_s_blocks_until_written_then_frees_them():
     service, engine, _ = tiny_service(num_blocks=32)
-    cache = service.cache = RecordingCache(engine)
+    cache = service.runtime.cache = RecordingCache(engine)
     service._can_store_from_arena = True
     service.arena = "arena"
     service._loop = asyncio.get_running_loop()
