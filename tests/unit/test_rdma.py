@@ -1,5 +1,5 @@
-"""RDMA transport: availability reporting, bounds checks and the glue over in-process stand-ins for pyverbs
-run everywhere; a real two-QP loopback runs where a device exists.
+"""RDMA transport: availability reporting, bounds checks, flat views and exchanged descriptors run everywhere;
+a real two-QP loopback runs where a device exists (the glue over stand-ins for pyverbs is in test_rdma_glue.py).
 
 The loopback tests run on any machine with pyverbs and an active RDMA port, e.g. SoftRoCE:
 `rdma link add rxe0 type rxe netdev eth0`. TSUKIMI_RDMA_DEVICE and TSUKIMI_RDMA_GID_INDEX pick the device
@@ -9,21 +9,18 @@ and GID index (default: the first device, index 0).
 from __future__ import annotations
 
 import ctypes
-import enum
-import itertools
 import mmap
 import os
 import sys
 import time
 import types
-from collections import deque
 from contextlib import closing
 
 import msgspec
 import pytest
 
 from tsukimi.transfer import rdma
-from tsukimi.transfer.rdma import RdmaDevice, RdmaError, RdmaUnavailable, RemoteRegion, probe
+from tsukimi.transfer.rdma import RdmaDevice, RdmaUnavailable, RemoteRegion, probe
 from tsukimi.transfer.rdma_connection import QpInfo, RcConnection, check_bounds
 
 AVAILABLE, REASON = probe()
@@ -216,270 +213,6 @@ def test_exchanged_descriptors_round_trip_through_json():
     region = RemoteRegion(addr=0x7F00_0000_1000, rkey=0x1234, length=1 << 20)
     assert msgspec.json.decode(msgspec.json.encode(info), type=QpInfo) == info
     assert msgspec.json.decode(msgspec.json.encode(region), type=RemoteRegion) == region
-
-
-class _WcStatus(enum.IntEnum):
-    IBV_WC_SUCCESS = 0
-    IBV_WC_WR_FLUSH_ERR = 5
-    IBV_WC_REM_ACCESS_ERR = 10
-
-
-def _fake_verbs() -> types.SimpleNamespace:
-    """In-process stand-ins, with pyverbs' signatures, for the calls rdma.py makes: an RC QP moves bytes
-    with memmove and completes into its CQ, so the glue logic runs where no device exists."""
-    regions: dict[int, tuple[int, int, int]] = {}
-    qps: dict = {}
-    keys = itertools.count(0x100)
-    work: list = []
-
-    def record(**fields):
-        return types.SimpleNamespace(**fields)
-
-    def QPCap(max_send_wr=1, max_recv_wr=10, max_send_sge=1, max_recv_sge=1, max_inline_data=0):
-        return record(max_send_wr=max_send_wr)
-
-    def QPInitAttr(qp_type=4, qp_context=None, scq=None, rcq=None, srq=None, cap=None, sq_sig_all=1):
-        assert qp_type == 2 and scq is rcq and sq_sig_all == 1
-        return record(scq=scq, cap=cap)
-
-    def QPAttr(qp_state=1, cur_qp_state=0, port_num=1, path_mtu=3):
-        return record(port_num=port_num, path_mtu=path_mtu)
-
-    def AHAttr(dlid=0, sl=0, src_path_bits=0, static_rate=0, is_global=0, port_num=1, gr=None):
-        assert bool(is_global) == (gr is not None)
-        return record(dlid=dlid, gr=gr)
-
-    def GlobalRoute(dgid=None, flow_label=0, sgid_index=0, hop_limit=1, traffic_class=0):
-        return record(dgid=dgid, sgid_index=sgid_index)
-
-    class Context:
-        def __init__(self, **kwargs):
-            self.name = kwargs["name"]
-
-        def query_device(self):
-            return record(max_qp_wr=1024, max_qp_init_rd_atom=8, max_qp_rd_atom=8, max_cqe=512)
-
-        def query_port(self, port_num):
-            return record(state=4, lid=0, active_mtu=5, max_msg_sz=1 << 16, link_layer=2)
-
-        def query_gid(self, port_num, index):
-            return "fe80:0000:0000:0000:0000:0000:0000:0001"
-
-        def close(self):
-            for qp in list(qps.values()):
-                qp.close()
-
-    class CQ:
-        def __init__(self, context, cqe, cq_context=None, channel=None, comp_vector=0):
-            self.cqe = cqe
-            self.wcs: deque = deque()
-
-        def poll(self, num_entries=1):
-            wcs = [self.wcs.popleft() for _ in range(min(num_entries, len(self.wcs)))]
-            return len(wcs), wcs
-
-    class MR:
-        def __init__(self, creator, length=0, access=0, address=None, implicit=False, **kwargs):
-            self.lkey = self.rkey = next(keys)
-            regions[self.rkey] = (address, length, access)
-
-        def close(self):
-            regions.pop(self.rkey, None)
-
-    class QP:
-        def __init__(self, creator, init_attr, qp_attr=None):
-            self.qp_num = next(keys)
-            self.cq = init_attr.scq
-            self.depth = init_attr.cap.max_send_wr
-            self.access = qp_attr.qp_access_flags
-            self.state = "INIT"
-            qps[self.qp_num] = self
-
-        def to_rtr(self, qp_attr):
-            assert self.state == "INIT" and qp_attr.path_mtu == 5 and qp_attr.ah_attr.gr.sgid_index == 0
-            self.peer, self.rq_psn, self.state = qps[qp_attr.dest_qp_num], qp_attr.rq_psn, "RTR"
-
-        def to_rts(self, qp_attr):
-            assert self.state == "RTR"
-            self.sq_psn, self.state = qp_attr.sq_psn, "RTS"
-
-        def post_send(self, wr):
-            assert self.state in ("RTS", "ERR") and len(self.cq.wcs) < self.cq.cqe
-            addr, length, access = regions.get(wr.rkey, (0, 0, 0))
-            needed = 2 if wr.opcode == 0 else 4
-            status = 5 if self.state == "ERR" else 0
-            if not status and (
-                not access & needed & self.peer.access or wr.remote + wr.length > addr + length
-            ):
-                status, self.state = 10, "ERR"
-            if not status:
-                source, target = (wr.local, wr.remote) if wr.opcode == 0 else (wr.remote, wr.local)
-                ctypes.memmove(target, source, wr.length)
-            self.cq.wcs.append(record(wr_id=wr.wr_id, status=status, qp_num=self.qp_num, vendor_err=0))
-
-        def close(self):
-            qps.pop(self.qp_num, None)
-
-    class Freed:
-        def close(self):
-            assert not self.freed, "freed twice"
-            self.freed = True
-
-    class SGE(Freed):
-        def __init__(self, addr, length, lkey):
-            assert lkey in regions
-            self.addr, self.length, self.freed = addr, length, False
-            work.append(self)
-
-    class SendWR(Freed):
-        def __init__(self, wr_id=0, opcode=2, num_sge=0, imm_data=0, sg=None, send_flags=2, next_wr=None):
-            [sge] = sg
-            assert num_sge == 1 and send_flags == 2 and not sge.freed
-            self.wr_id, self.opcode, self.local, self.length, self.freed = (
-                wr_id,
-                opcode,
-                sge.addr,
-                sge.length,
-                False,
-            )
-            work.append(self)
-
-        def set_wr_rdma(self, rkey, addr):
-            self.rkey, self.remote = rkey, addr
-
-    e = types.SimpleNamespace(
-        IBV_PORT_ACTIVE=4,
-        IBV_LINK_LAYER_ETHERNET=2,
-        IBV_ACCESS_LOCAL_WRITE=1,
-        IBV_ACCESS_REMOTE_WRITE=2,
-        IBV_ACCESS_REMOTE_READ=4,
-        IBV_QPT_RC=2,
-        IBV_WR_RDMA_WRITE=0,
-        IBV_WR_RDMA_READ=4,
-        IBV_SEND_SIGNALED=2,
-        IBV_WC_SUCCESS=0,
-        ibv_wc_status=_WcStatus,
-    )
-    return types.SimpleNamespace(
-        Context=Context,
-        get_device_list=lambda: [types.SimpleNamespace(name=b"fake0")],
-        GID=str,
-        GlobalRoute=GlobalRoute,
-        AHAttr=AHAttr,
-        CQ=CQ,
-        MR=MR,
-        PD=lambda creator: record(),
-        QP=QP,
-        QPCap=QPCap,
-        QPInitAttr=QPInitAttr,
-        QPAttr=QPAttr,
-        SGE=SGE,
-        SendWR=SendWR,
-        Error=type("PyverbsError", (Exception,), {}),
-        e=e,
-        work=work,
-    )
-
-
-@pytest.fixture
-def fake(monkeypatch, tmp_path):
-    verbs = _fake_verbs()
-    (tmp_path / "fake0").mkdir()
-    monkeypatch.setattr(rdma, "SYSFS_DEVICES", tmp_path)
-    monkeypatch.setattr(rdma, "_load", lambda: verbs)
-    yield verbs
-    assert all(item.freed for item in verbs.work)
-
-
-def _connected(device: RdmaDevice, **kwargs) -> tuple[RcConnection, RcConnection]:
-    a, b = RcConnection(device, **kwargs), RcConnection(device, **kwargs)
-    a.connect(b.local_info())
-    b.connect(a.local_info())
-    return a, b
-
-
-def test_glue_moves_bytes_and_sorts_completions_of_a_shared_cq_by_qp(fake):
-    device = RdmaDevice()
-    assert (device.name, device.max_message_size, device.cq_depth) == ("fake0", 1 << 16, 512)
-    a, b = _connected(device)
-    assert a._qp.sq_psn == b._qp.rq_psn == a.psn and b._qp.sq_psn == a._qp.rq_psn == b.psn
-    source = bytearray(os.urandom(1 << 18))
-    target = bytearray(1 << 18)
-    src, dst = device.register(source, writable=False), device.register(target, writable=True)
-    for i in range(4):
-        a.post_write(i, src, i << 16, 1 << 16, dst.remote(), i << 16)
-    back = bytearray(100)
-    bck = device.register(back, writable=True)
-    b.post_read(7, bck, 0, 100, src.remote(), 1000)
-    assert (a.inflight, b.inflight) == (4, 1)
-    assert b.poll() == [(7, True, "success")] and back == source[1000:1100]
-    assert a.poll(max_entries=3) == [(i, True, "success") for i in range(3)]
-    assert a.poll() == [(3, True, "success")] and a.poll() == []
-    assert (a.inflight, b.inflight) == (0, 0) and target == source
-    for closable in (bck, dst, src, a, b):
-        closable.close()
-        closable.close()
-    target.extend(b"resizable again once deregistered")
-    device.close()
-
-
-def test_glue_reports_a_failed_completion_then_flushes(fake):
-    device = RdmaDevice()
-    a, b = _connected(device)
-    local = device.register(bytearray(64), writable=True)
-    read_only = device.register(bytearray(64), writable=False)
-    a.post_write(1, local, 0, 8, read_only.remote(), 0)
-    a.post_read(2, local, 0, 8, read_only.remote(), 0)
-    assert a.poll() == [
-        (1, False, "IBV_WC_REM_ACCESS_ERR (vendor error 0x0)"),
-        (2, False, "IBV_WC_WR_FLUSH_ERR (vendor error 0x0)"),
-    ]
-    device.close()
-
-
-def test_glue_refuses_misuse(fake):
-    device = RdmaDevice()
-    a = RcConnection(device, max_send_wr=2)
-    local = device.register(bytearray(64), writable=True)
-    remote = local.remote()
-    with pytest.raises(RdmaError, match="not connected"):
-        a.post_write(1, local, 0, 8, remote, 0)
-    b = RcConnection(device, max_send_wr=2)
-    a.connect(b.local_info())
-    b.connect(a.local_info())
-    with pytest.raises(RdmaError, match="already connected"):
-        a.connect(b.local_info())
-    with pytest.raises(ValueError, match="max message size"):
-        a.post_write(1, local, 0, (1 << 16) + 1, RemoteRegion(remote.addr, remote.rkey, 1 << 20), 0)
-    with pytest.raises(ValueError, match="wr_id"):
-        a.post_write(-1, local, 0, 8, remote, 0)
-    a.post_write(1, local, 0, 8, remote, 8)
-    a.post_write(2, local, 0, 8, remote, 16)
-    with pytest.raises(RdmaError, match="send queue full"):
-        a.post_write(3, local, 0, 8, remote, 24)
-    assert len(a.poll()) == 2
-    with pytest.raises(RdmaError, match="completion queue of 512 entries has 508 left, 509 asked"):
-        RcConnection(device, max_send_wr=509)
-    with pytest.raises(ValueError, match="max_send_wr"):
-        RcConnection(device, max_send_wr=0)
-    other = RdmaDevice()
-    foreign = other.register(bytearray(64), writable=True)
-    with pytest.raises(ValueError, match="another device"):
-        a.post_write(4, foreign, 0, 8, remote, 0)
-    local.close()
-    with pytest.raises(ValueError, match="closed"):
-        a.post_write(5, local, 0, 8, remote, 0)
-    b.close()
-    with pytest.raises(RdmaError, match="is closed"):
-        b.poll()
-    assert RcConnection(device, max_send_wr=510).max_send_wr == 510
-    device.close()
-    with pytest.raises(RdmaError, match="fake0 is closed"):
-        a.poll()
-    with pytest.raises(RdmaError, match="fake0 is closed"):
-        device.register(bytearray(8), writable=True)
-    a.close()
-    other.close()
 
 
 def _open_device() -> RdmaDevice:

@@ -1,5 +1,5 @@
 """The engine's rdma transport end to end in one process: two engines over the in-process pyverbs stand-ins of
-test_rdma.py (RC QPs that memmove), with the control path over the engines' real TCP servers.
+fake_verbs.py (RC QPs that memmove), with the control path over the engines' real TCP servers.
 
 Both engines are on this host, where shm (or tcp) would win, so most tests force rdma.
 """
@@ -21,7 +21,7 @@ from tsukimi.transfer.batch import Op, Status, TransferRequest
 from tsukimi.transfer.engine import TransferEngine, TransferError
 from tsukimi.transfer.metadata import MemoryMetadataStore
 
-from .test_rdma import _fake_verbs
+from .fake_verbs import _fake_verbs
 
 SECRET = b"rdma-engine-test-secret"
 RDMA = ("shm", "rdma", "tcp")
