@@ -65,8 +65,6 @@ class DecodeService:
         # full blocks go, so a conversation's next turn reuses its answer too: the prefix cache (`cache`: the
         # colocated worker's in-process one, or the pool's made at start-up).
         self.runtime = WorkerRuntime(settings, self.instance_id, cache)
-        # NOTE: background stores of finished sequences' blocks are the runtime's, awaited (briefly) on shutdown.
-        self._stores = self.runtime.background
         # Whether finished blocks go to the pool straight from the arena (set in `run`): with the pool's cache, and
         # unless this engine offers rdma, which cannot read the guarded (so unregistered for rdma) arena.
         self._can_store_from_arena = False
@@ -219,9 +217,8 @@ class DecodeService:
             except Exception as exc:  # NOTE: storing is best effort; the request is already served.
                 log.warning("storing KV blocks failed: %s", exc)
 
-        task = asyncio.create_task(store())
-        self._stores.add(task)
-        task.add_done_callback(self._stores.discard)
+        # NOTE: the runtime's background work, awaited (briefly) on shutdown.
+        self.runtime.spawn(store())
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()

@@ -123,5 +123,5 @@ async def test_decode_keeps_the_answer_s_blocks_until_written_then_frees_them():
     assert offsets == [engine.kv.offset_of(block_ids[2])] and block_bytes == engine.kv.block_bytes
     assert engine.kv.manager.num_free_blocks == 31  # the stored one is kept until written
     cache.release.set()
-    await asyncio.gather(*service._stores)
+    await asyncio.gather(*service.runtime.background)
     assert cache.num_free_while_stored == 31 and engine.kv.manager.num_free_blocks == 32
